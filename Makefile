@@ -1,0 +1,37 @@
+# Every target sets up what it needs: a virtual environment in .venv with the pinned packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow lint demo clean
+
+install: $(STAMP)
+
+# torch first and alone, pinned: the machine's local CPU wheel, never a CUDA build from the registry.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+demo: install
+	$(VENV)/bin/hmt demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,153 @@
+"""`HMTConfig`: the settings of an HMT model, validated once, saved as JSON beside the adapter."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Mode = Literal["backbone", "rmt", "hmt"]
+MODES: tuple[str, ...] = ("backbone", "rmt", "hmt")
+
+
+@dataclass
+class HMTConfig:
+    """Settings of the Hierarchical Memory Transformer (see docs/method.md for the symbols).
+
+    Every field has a default and a help text; invalid values raise a `ValueError` naming the field.
+    `summary_length` and `recall_dim` may be left `None`: they then default to `segment_length // 2`
+    and to the backbone's embedding width (filled in when the config is bound to a backbone).
+    """
+
+    segment_length: int = field(default=512, metadata={"help": "New tokens read per segment (L)."})
+    num_sensory: int = field(
+        default=32, metadata={"help": "Tokens of the previous segment kept as sensory memory (k)."}
+    )
+    summary_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens at the start of a segment used to form its recall query (j); L//2 if unset."
+        },
+    )
+    cache_size: int = field(
+        default=300, metadata={"help": "Long-term memory: how many past segment memories are kept (N)."}
+    )
+    recall_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width of the recall projections W_q, W_k (d_h); the embedding width if unset."},
+    )
+    mode: Mode = field(
+        default="hmt",
+        metadata={
+            "help": "backbone: independent windows, no memory; rmt: memory recurrence without recall; "
+            "hmt: sensory, short-term and long-term memory with recall."
+        },
+    )
+    query_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Segments whose recall queries share one batched backbone call; bounds peak memory "
+            "on long inputs without changing results."
+        },
+    )
+    backbone: str | None = field(
+        default=None, metadata={"help": "Name or path of the backbone the adapter was made for; set on save."}
+    )
+    backbone_type: str | None = field(
+        default=None, metadata={"help": "transformers model_type of that backbone (e.g. llama); set on save."}
+    )
+    embedding_dim: int | None = field(
+        default=None, metadata={"help": "Input embedding width d of that backbone; set on save."}
+    )
+    hmt_version: str | None = field(
+        default=None, metadata={"help": "Version of hmt that wrote this config; set on save."}
+    )
+
+    def __post_init__(self) -> None:
+        _require_int("segment_length", self.segment_length, minimum=1)
+        _require_int("num_sensory", self.num_sensory, minimum=0)
+        if self.num_sensory > self.segment_length:
+            raise ValueError(
+                f"num_sensory must be <= segment_length={self.segment_length} (sensory tokens come from the "
+                f"previous segment), got {self.num_sensory}"
+            )
+        if self.summary_length is not None:
+            _require_int("summary_length", self.summary_length, minimum=1)
+            if self.summary_length > self.segment_length:
+                raise ValueError(
+                    f"summary_length must be <= segment_length={self.segment_length} (the query reads the "
+                    f"start of a segment), got {self.summary_length}"
+                )
+        _require_int("cache_size", self.cache_size, minimum=1)
+        if self.recall_dim is not None:
+            _require_int("recall_dim", self.recall_dim, minimum=1)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _require_int("query_batch_size", self.query_batch_size, minimum=1)
+
+    @property
+    def query_length(self) -> int:
+        """j: the summary length, or half a segment when unset."""
+        return self.summary_length or max(1, self.segment_length // 2)
+
+    def replace(self, **changes: Any) -> HMTConfig:
+        """A validated copy with some fields changed (e.g. `config.replace(mode="rmt")`)."""
+        return HMTConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HMTConfig:
+        """Build from a dict; keys from a newer version are ignored with a warning, not an error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an HMT config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"ignoring unknown HMT config keys {unknown} (written by a newer hmt?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> HMTConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"HMT config is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> HMTConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not a text JSON file: {err}") from err
+        try:
+            return cls.from_json(text)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @staticmethod
+    def help(name: str) -> str:
+        """The help text of a field (one source for docs and CLI options)."""
+        for f in fields(HMTConfig):
+            if f.name == name:
+                return f.metadata["help"]
+        raise KeyError(name)
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,157 @@
+"""`MemoryState`: everything HMT carries from one call to the next, held outside the model.
+
+The model keeps weights only; a document's memory lives here, so callers can save, fork, reset or
+batch it, and `model(chunk2, state=out1.state)` continues exactly where `chunk1` ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from hmt import __version__
+from hmt.io import load_tensors, save_tensors
+
+STATE_FORMAT = "hmt-memory-state"
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Memory of a batch of texts after some segments were read.
+
+    Per-row quantities are right-aligned: the newest memory is `memories[:, -1]`, the last token read
+    is `sensory_ids[:, -1]`; masks say which slots hold something (rows may have read different amounts).
+    """
+
+    memories: torch.Tensor  # (batch, slots, d) float32, slots <= cache_size: long-term memory cache
+    memory_mask: torch.Tensor  # (batch, slots) bool: which slots hold a memory
+    sensory_ids: torch.Tensor  # (batch, k) long: the last k token ids read (sensory memory)
+    sensory_mask: torch.Tensor  # (batch, k) bool
+    segments: torch.Tensor  # (batch,) long: segments read so far
+    tokens: torch.Tensor  # (batch,) long: tokens read so far
+    next_token_logits: (
+        torch.Tensor
+    )  # (batch, vocab) float32: prediction for the next token (rows with tokens > 0)
+
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        embedding_dim: int,
+        num_sensory: int,
+        vocab_size: int,
+        device: torch.device | str | None = None,
+    ) -> MemoryState:
+        """The state of a fresh document: nothing read, nothing remembered."""
+        return cls(
+            memories=torch.zeros(batch_size, 0, embedding_dim, device=device),
+            memory_mask=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+            sensory_ids=torch.zeros(batch_size, num_sensory, dtype=torch.long, device=device),
+            sensory_mask=torch.zeros(batch_size, num_sensory, dtype=torch.bool, device=device),
+            segments=torch.zeros(batch_size, dtype=torch.long, device=device),
+            tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
+            next_token_logits=torch.zeros(batch_size, vocab_size, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.segments.shape[0]
+
+    @property
+    def num_memories(self) -> torch.Tensor:
+        """(batch,) long: memories held in the cache per row."""
+        return self.memory_mask.sum(dim=1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def detach(self) -> MemoryState:
+        """The same state cut from the autograd graph (truncated backpropagation across calls)."""
+        return MemoryState(**{name: t.detach() for name, t in self.tensors().items()})
+
+    def to(self, device: torch.device | str) -> MemoryState:
+        return MemoryState(**{name: t.to(device) for name, t in self.tensors().items()})
+
+    def select(self, rows: torch.Tensor | list[int]) -> MemoryState:
+        """The state of some rows of the batch (e.g. to continue one document of several)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.segments.device)
+        return MemoryState(**{name: t.index_select(0, index) for name, t in self.tensors().items()})
+
+    def save(self, path: str | Path) -> None:
+        """Write the state to a safetensors file (atomically), e.g. to resume a document later."""
+        save_tensors(path, self.tensors(), {"format": STATE_FORMAT, "hmt_version": __version__})
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> MemoryState:
+        tensors, _ = load_tensors(path, STATE_FORMAT)
+        names = {f.name for f in fields(cls)}
+        if set(tensors) != names:
+            raise ValueError(
+                f"{path} does not hold a complete memory state: missing {sorted(names - set(tensors))}, "
+                f"unexpected {sorted(set(tensors) - names)}"
+            )
+        state = cls(**tensors)
+        return state.to(device) if device is not None else state
+
+    # ---- transitions used by the model after each segment; each returns a new state ----
+
+    def with_memory(self, new_memories: torch.Tensor, active: torch.Tensor, cache_size: int) -> MemoryState:
+        """Append `new_memories` (batch, d) for the `active` rows; evict the oldest beyond `cache_size`.
+
+        Inactive rows (no tokens in this segment) keep their cache; to stay right-aligned they gain an
+        empty slot on the left instead.
+        """
+        batch = self.memories.shape[0]
+        empty_slot = self.memories.new_zeros(batch, 1, self.memories.shape[2])
+        no_slot = self.memory_mask.new_zeros(batch, 1)
+        appended = torch.cat([self.memories, new_memories[:, None, :].to(self.memories.dtype)], dim=1)
+        shifted = torch.cat([empty_slot, self.memories], dim=1)
+        memories = torch.where(active[:, None, None], appended, shifted)
+        mask = torch.where(
+            active[:, None],
+            torch.cat([self.memory_mask, active[:, None]], dim=1),
+            torch.cat([no_slot, self.memory_mask], dim=1),
+        )
+        # Drop slots on the left: beyond the cache size, or empty in every row.
+        keep_from = max(memories.shape[1] - cache_size, 0)
+        while keep_from < memories.shape[1] and not bool(mask[:, keep_from].any()):
+            keep_from += 1
+        return replace(self, memories=memories[:, keep_from:], memory_mask=mask[:, keep_from:])
+
+    def with_tokens_read(self, segment_ids: torch.Tensor, segment_lengths: torch.Tensor) -> MemoryState:
+        """Account for a segment of `segment_lengths` valid tokens per row (right-padded `segment_ids`)."""
+        width = segment_ids.shape[1]
+        positions = torch.arange(width, device=segment_ids.device)
+        valid = positions[None, :] < segment_lengths[:, None]
+        sensory_ids, sensory_mask = _last_valid(
+            torch.cat([self.sensory_ids, segment_ids], dim=1), self.sensory_mask, valid
+        )
+        return replace(
+            self,
+            sensory_ids=sensory_ids,
+            sensory_mask=sensory_mask,
+            segments=self.segments + (segment_lengths > 0).long(),
+            tokens=self.tokens + segment_lengths,
+        )
+
+
+def _last_valid(
+    ids: torch.Tensor, old_mask: torch.Tensor, new_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align the valid entries of `ids` per row and keep the last `old_mask.shape[1]` of them."""
+    width = old_mask.shape[1]
+    mask = torch.cat([old_mask, new_mask], dim=1)  # (batch, k + L)
+    if width == 0:
+        return ids[:, :0], mask[:, :0]
+    count = mask.sum(dim=1, keepdim=True)
+    rank = mask.long().cumsum(dim=1) - 1  # position among the valid entries of the row
+    target = rank - count + width  # column in the right-aligned result; < 0 falls off the left
+    keep = mask & (target >= 0)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    out_ids = ids.new_zeros(ids.shape[0], width)
+    out_mask = mask.new_zeros(ids.shape[0], width)
+    out_ids[rows[keep], target[keep]] = ids[keep]
+    out_mask[rows[keep], target[keep]] = True
+    return out_ids, out_mask

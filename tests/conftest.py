@@ -1,0 +1,80 @@
+"""Tiny randomly initialised backbones of several architectures (no downloads, milliseconds each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VOCAB = 96
+ARCHS = ("llama", "gpt2", "opt", "qwen2", "gpt_neox")
+
+
+def tiny_backbone(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer causal LM of the given architecture. OPT's embedding width (16) differs from its hidden size."""
+    import transformers as tf
+
+    common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    configs = {
+        "llama": lambda: tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        ),
+        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=32,
+            word_embed_proj_dim=16,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        ),
+        "qwen2": lambda: tf.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        ),
+    }
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(configs[arch]())
+    return model.to(dtype).eval()
+
+
+def tiny_hmt(arch: str = "llama", seed: int = 0, **config):
+    """An HMTForCausalLM on a tiny backbone; small segments so a few dozen tokens span several."""
+    from hmt import HMTConfig, HMTForCausalLM
+
+    settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, **config}
+    return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings))
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param

@@ -1,0 +1,79 @@
+"""HMTConfig: defaults, validation with clear messages, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hmt import HMTConfig
+
+
+def test_defaults_follow_the_method():
+    config = HMTConfig()
+    assert (config.segment_length, config.num_sensory, config.mode) == (512, 32, "hmt")
+    assert config.query_length == 256  # j defaults to L // 2
+    assert HMTConfig(segment_length=100, num_sensory=8, summary_length=10).query_length == 10
+
+
+def test_json_round_trip(tmp_path):
+    config = HMTConfig(
+        segment_length=256, num_sensory=16, summary_length=64, cache_size=40, recall_dim=32, mode="rmt"
+    )
+    assert HMTConfig.from_json(config.to_json()) == config
+    path = tmp_path / "c.json"
+    path.write_text(config.to_json())
+    assert HMTConfig.from_json_file(path) == config
+
+
+def test_unknown_keys_from_a_newer_version_warn_not_fail():
+    data = {**HMTConfig().to_dict(), "future_knob": 3}
+    with pytest.warns(UserWarning, match="future_knob"):
+        assert HMTConfig.from_dict(data) == HMTConfig()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"segment_length": 0}, "segment_length must be >= 1"),
+        ({"segment_length": -5}, "segment_length must be >= 1"),
+        ({"segment_length": 8, "num_sensory": 9}, "num_sensory must be <= segment_length=8"),
+        ({"num_sensory": -1}, "num_sensory must be >= 0"),
+        (
+            {"segment_length": 8, "num_sensory": 2, "summary_length": 9},
+            "summary_length must be <= segment_length=8",
+        ),
+        ({"summary_length": 0}, "summary_length must be >= 1"),
+        ({"cache_size": 0}, "cache_size must be >= 1"),
+        ({"recall_dim": 0}, "recall_dim must be >= 1"),
+        ({"mode": "lstm"}, "mode must be one of backbone, rmt, hmt"),
+        ({"segment_length": 12.5}, "segment_length must be an integer"),
+        ({"cache_size": True}, "cache_size must be an integer"),
+        ({"query_batch_size": 0}, "query_batch_size must be >= 1"),
+    ],
+)
+def test_invalid_values_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        HMTConfig(**changes)
+
+
+def test_replace_validates():
+    with pytest.raises(ValueError, match="num_sensory"):
+        HMTConfig(segment_length=64, num_sensory=32).replace(segment_length=16)
+
+
+def test_broken_json_is_reported(tmp_path):
+    path = tmp_path / "hmt_config.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HMTConfig.from_json_file(path)
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="JSON object"):
+        HMTConfig.from_json_file(path)
+
+
+def test_every_field_has_help():
+    from dataclasses import fields
+
+    for f in fields(HMTConfig):
+        assert HMTConfig.help(f.name)
