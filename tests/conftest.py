@@ -78,3 +78,50 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+WORDS = ("the", "memory", "segment", "recall", "token", "long", "context", "model", "reads", "a", "of", "and")
+
+
+def word_text(seed: int, words: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained in memory in milliseconds (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator([word_text(i, 200) for i in range(10)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="the")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder holding a tiny random Llama and its tokenizer, as save_pretrained writes them."""
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

