@@ -113,13 +113,13 @@ def _quiet_load(request: EvalRequest) -> Backbone:
 
 def build_stream(request: EvalRequest, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """The token stream to score, which of its positions to score (None: all) and a description of it."""
-    from hmt.data import dilate, filler_mask, interleave, load_documents, token_stream
+    from hmt.data import dilate, filler_mask, interleave, load_documents, resolve_split, token_stream
 
     documents = load_documents(request.data, request.split)
     stream = token_stream(documents, tokenizer, request.max_tokens)
     info: dict[str, Any] = {
         "spec": request.data,
-        "split": request.split or ("test" if request.data in ("essays", "plays") else "all"),
+        "split": resolve_split(request.data, request.split),
         "documents": len(documents),
         "document_names": [d.name for d in documents],
         "transforms": {},

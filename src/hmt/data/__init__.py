@@ -6,6 +6,7 @@ from hmt.data.corpus import (
     Document,
     describe_split_rule,
     load_documents,
+    resolve_split,
     split_documents,
     token_stream,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "filler_mask",
     "interleave",
     "load_documents",
+    "resolve_split",
     "split_documents",
     "token_stream",
 ]

@@ -66,6 +66,13 @@ def _split_of(index: int) -> str:
     return {9: "test", 8: "validation"}.get(index % 10, "train")
 
 
+def resolve_split(spec: str | os.PathLike[str], split: str | None) -> str:
+    """The split a source is read with: `split`, or by default test for bundled corpora and all otherwise."""
+    if split is not None:
+        return split
+    return "test" if os.fspath(spec) in BUNDLED_CORPORA else "all"
+
+
 def load_documents(spec: str | os.PathLike[str], split: str | None = None) -> list[Document]:
     """Non-empty documents from a source, sorted by name, restricted to a split.
 
@@ -76,8 +83,7 @@ def load_documents(spec: str | os.PathLike[str], split: str | None = None) -> li
     split: one of SPLITS; None means "test" for the bundled corpora and "all" for anything else.
     """
     spec = os.fspath(spec)
-    if split is None:
-        split = "test" if spec in BUNDLED_CORPORA else "all"
+    split = resolve_split(spec, split)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     documents = [doc for doc in _read_source(spec) if doc.text.strip()]
