@@ -262,6 +262,24 @@ def test_gradient_flows_into_cached_memories_and_stops_at_detached_state():
     assert torch.autograd.grad(cut.loss, first.state.memories, allow_unused=True)[0] is None
 
 
+@pytest.mark.parametrize("mode", ["rmt", "hmt"])
+def test_truncated_backpropagation_really_cuts_the_graph(mode):
+    model = tiny_hmt("llama", mode=mode).train()
+    ids = random_ids(1, 32)  # 4 segments of 8
+    labels = ids.clone()
+    labels[:, :17] = -100  # score only tokens of segments 2 and 3
+    m0 = model.memory.initial_memory  # enters through segment 0's read slot only
+    full = model(ids, labels=labels)
+    (grad,) = torch.autograd.grad(full.loss, m0)
+    assert grad.abs().sum() > 0
+    cut = model(ids, labels=labels, bptt_depth=2)
+    (grad,) = torch.autograd.grad(cut.loss, m0, allow_unused=True)
+    assert grad is None or grad.abs().sum() == 0
+    torch.testing.assert_close(cut.loss, full.loss)  # the forward pass is unchanged
+    deeper = model(ids, labels=labels, bptt_depth=3)
+    assert torch.autograd.grad(deeper.loss, m0)[0].abs().sum() > 0  # segment 2 is within 3 of segment 0
+
+
 # ---- dtypes and devices ----------------------------------------------------------------------------
 
 
@@ -326,6 +344,7 @@ def test_adapter_holds_only_hmt_parameters(tmp_path):
         "initial_memory": (d,),
         "query_proj.weight": (d, d),
         "key_proj.weight": (d, d),
+        "memory_scale": (),
     }
 
 
@@ -351,7 +370,7 @@ def test_initialisation_follows_the_embedding_scale():
 
 
 def test_written_memory_is_the_output_at_the_write_slot():
-    model = tiny_hmt("gpt_neox")
+    model = tiny_hmt("gpt_neox", memory_norm="none")
     calls = capture_main_inputs(model)
     ids = random_ids(1, 16)
     with torch.no_grad():
@@ -378,3 +397,24 @@ def test_ragged_batch_continued_over_calls_equals_each_text_alone():
         valid = b.recall_weights[step][1]
         torch.testing.assert_close(valid[valid.shape[0] - weights.shape[1] :], weights[0], atol=ATOL, rtol=0)
         assert valid[: valid.shape[0] - weights.shape[1]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "opt"])
+def test_memories_are_brought_to_the_embedding_scale(arch_name):
+    ids = random_ids(2, 40)
+    embed_norm = None
+    for norm in ("learned", "match", "none"):
+        model = tiny_hmt(arch_name, memory_norm=norm)
+        with torch.no_grad():
+            memories = model(ids).state.memories.norm(dim=-1)
+            embed_norm = model.backbone.get_input_embeddings()(ids).norm(dim=-1).mean()
+        if norm == "match":
+            torch.testing.assert_close(
+                memories, torch.full_like(memories, float(model.memory.embedding_norm))
+            )
+        elif norm == "learned":  # starts at the measured ratio: within a factor of 2 of the embeddings
+            assert 0.5 < float(memories.mean() / embed_norm) < 2
+            assert model.memory.memory_scale.requires_grad
+        else:
+            raw = memories.mean() / embed_norm
+    assert raw > 2  # raw final hidden states are much larger than token embeddings

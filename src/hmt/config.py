@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 Mode = Literal["backbone", "rmt", "hmt"]
 MODES: tuple[str, ...] = ("backbone", "rmt", "hmt")
+MemoryNorm = Literal["learned", "match", "none"]
+MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 
 
 @dataclass
@@ -43,6 +45,14 @@ class HMTConfig:
         metadata={
             "help": "backbone: independent windows, no memory; rmt: memory recurrence without recall; "
             "hmt: sensory, short-term and long-term memory with recall."
+        },
+    )
+    memory_norm: MemoryNorm = field(
+        default="learned",
+        metadata={
+            "help": "How written memories are brought to the scale of token embeddings (final hidden states "
+            "are ~17x larger on SmolLM2): learned (a learned scale, initialised at the measured ratio), "
+            "match (rescaled to the mean embedding norm), none (raw, as in the paper's code)."
         },
     )
     query_batch_size: int = field(
@@ -85,6 +95,10 @@ class HMTConfig:
             _require_int("recall_dim", self.recall_dim, minimum=1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.memory_norm not in MEMORY_NORMS:
+            raise ValueError(
+                f"memory_norm must be one of {', '.join(MEMORY_NORMS)}, got {self.memory_norm!r}"
+            )
         _require_int("query_batch_size", self.query_batch_size, minimum=1)
 
     @property

@@ -81,8 +81,33 @@ class HMTForCausalLM(nn.Module):
             )
         device = embeddings.weight.device
         self.memory = MemoryParameters(
-            embedding_dim, output_dim, self.config.recall_dim, _embedding_std(embeddings)
+            embedding_dim,
+            output_dim,
+            self.config.recall_dim,
+            _embedding_std(embeddings),
+            self.config.memory_norm,
         ).to(device=device, dtype=torch.float32)
+        self.memory.calibrate(*self._measure_norms())
+
+    def _measure_norms(self) -> tuple[float, float]:
+        """Mean norms of token embeddings and of (projected) final hidden states, on a fixed probe input."""
+        embeddings = self.backbone.get_input_embeddings()
+        length = min(64, context_length(self.backbone.config) or 64)
+        step = max(1, embeddings.num_embeddings // length)
+        ids = (torch.arange(length, device=embeddings.weight.device) * step)[None, :]
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            inputs = embeddings(ids)
+            out = self.backbone(
+                inputs_embeds=inputs,
+                logits_to_keep=torch.zeros_like(ids, dtype=torch.bool),
+                output_hidden_states=[-1],
+                use_cache=False,
+            )
+            hidden = self.memory.project(out.hidden_states[-1])
+        self.backbone.train(was_training)
+        return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -127,6 +152,7 @@ class HMTForCausalLM(nn.Module):
         state: MemoryState | None = None,
         return_logits: bool = False,
         num_logits: int | None = None,
+        bptt_depth: int | None = None,
     ) -> HMTOutput:
         """Read `input_ids` (batch, seq_len) of any length segment by segment.
 
@@ -137,7 +163,11 @@ class HMTForCausalLM(nn.Module):
         `attention_mask` marks each row's tokens as one contiguous run (left or right padding).
         Logits are returned for the last `num_logits` input positions (default: one segment's worth;
         0: none, for scoring long texts cheaply); `return_logits=True` returns them all.
+        `bptt_depth=k` cuts the graph through memory every k segments (truncated backpropagation):
+        no gradient flows through the memory state into a segment more than k segments back.
         """
+        if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 1):
+            raise ValueError(f"bptt_depth must be a positive integer or None, got {bptt_depth!r}")
         packed = self._pack(input_ids, attention_mask, labels)
         batch, seq_len = input_ids.shape
         state = self._check_state(state, batch)
@@ -157,6 +187,8 @@ class HMTForCausalLM(nn.Module):
 
         recall_weights: list[torch.Tensor] = []
         for step in range(num_steps):
+            if bptt_depth is not None and step > 0 and step % bptt_depth == 0:
+                state = state.detach()
             start = step * cfg.segment_length
             seg_lengths = (packed.lengths - start).clamp(0, cfg.segment_length)
             seg_ids = packed.ids[:, start : start + cfg.segment_length]

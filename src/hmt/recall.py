@@ -15,10 +15,18 @@ class MemoryParameters(nn.Module):
     width d, a projection (`output_proj`) brings written memories into embedding space.
     """
 
-    def __init__(self, embedding_dim: int, output_dim: int, recall_dim: int, embedding_std: float) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        output_dim: int,
+        recall_dim: int,
+        embedding_std: float,
+        memory_norm: str = "learned",
+    ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.recall_dim = recall_dim
+        self.memory_norm = memory_norm
         # T and m0 look like token embeddings: normal, scaled by the backbone's embedding spread.
         self.summary_prompt = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
         self.initial_memory = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
@@ -27,11 +35,32 @@ class MemoryParameters(nn.Module):
         self.output_proj = (
             nn.Linear(output_dim, embedding_dim, bias=False) if output_dim != embedding_dim else None
         )
+        # Mean norm of the backbone's token embeddings: the scale memories are brought to. Measured
+        # again from the backbone whenever the model is built, so not saved.
+        self.register_buffer("embedding_norm", torch.tensor(1.0), persistent=False)
+        if memory_norm == "learned":
+            self.memory_scale = nn.Parameter(torch.tensor(1.0))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden state (..., output_dim) -> embedding width (..., d), float32, before any rescaling."""
+        hidden = hidden.to(self.key_proj.weight.dtype)
+        return self.output_proj(hidden) if self.output_proj is not None else hidden
+
+    def calibrate(self, embedding_norm: float, hidden_norm: float) -> None:
+        """Record the measured norms; the learned scale starts at their ratio (memory at embedding scale)."""
+        with torch.no_grad():
+            self.embedding_norm.fill_(embedding_norm)
+            if self.memory_norm == "learned":
+                self.memory_scale.fill_(embedding_norm / hidden_norm)
 
     def to_memory(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden state at the write slot (..., output_dim) -> memory embedding (..., d), float32."""
-        hidden = hidden.to(self.key_proj.weight.dtype)
-        return self.output_proj(hidden) if self.output_proj is not None else hidden
+        memory = self.project(hidden)
+        if self.memory_norm == "learned":
+            return memory * self.memory_scale
+        if self.memory_norm == "match":
+            return memory / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
+        return memory
 
     def recall(
         self, query: torch.Tensor, memories: torch.Tensor, memory_mask: torch.Tensor
