@@ -77,6 +77,18 @@ def test_chunked_calls_equal_one_call(arch, mode):
         torch.testing.assert_close(getattr(state, name), tensor, atol=ATOL, rtol=0, msg=name)
 
 
+def test_reset_rows_start_a_fresh_document():
+    model = tiny_hmt("llama")
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        state = model(ids[:, :24]).state.reset(torch.tensor([True, False]))
+        both = model(ids[:, 24:], state=state)
+        fresh = model(ids[:1, 24:])
+        kept = model(ids[1:, 24:], state=model(ids[1:, :24]).state)
+    torch.testing.assert_close(both.token_losses[0], fresh.token_losses[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(both.token_losses[1], kept.token_losses[0], atol=ATOL, rtol=0)
+
+
 def test_state_saved_to_disk_continues_the_same(tmp_path):
     model = tiny_hmt("llama")
     ids = random_ids(1, 40)
@@ -418,3 +430,11 @@ def test_memories_are_brought_to_the_embedding_scale(arch_name):
         else:
             raw = memories.mean() / embed_norm
     assert raw > 2  # raw final hidden states are much larger than token embeddings
+
+
+def test_wrapping_leaves_the_backbone_modes_alone():
+    backbone = tiny_backbone("gpt2")  # has dropout; eval mode
+    backbone.transformer.h[0].train()  # a deliberately mixed state
+    before = {name: m.training for name, m in backbone.named_modules()}
+    HMTForCausalLM(backbone, HMTConfig(segment_length=8, num_sensory=2))
+    assert {name: m.training for name, m in backbone.named_modules()} == before

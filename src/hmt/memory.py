@@ -79,6 +79,27 @@ class MemoryState:
         index = torch.as_tensor(rows, dtype=torch.long, device=self.segments.device)
         return MemoryState(**{name: t.index_select(0, index) for name, t in self.tensors().items()})
 
+    def reset(self, rows: torch.Tensor) -> MemoryState:
+        """The same state with the rows where `rows` (batch,) bool is True emptied (a new document starts)."""
+        keep = ~rows.to(self.segments.device)
+        state = MemoryState(
+            memories=self.memories * keep[:, None, None],
+            memory_mask=self.memory_mask & keep[:, None],
+            sensory_ids=self.sensory_ids * keep[:, None],
+            sensory_mask=self.sensory_mask & keep[:, None],
+            segments=self.segments * keep,
+            tokens=self.tokens * keep,
+            next_token_logits=self.next_token_logits * keep[:, None],
+        )
+        return state._trimmed()
+
+    def _trimmed(self) -> MemoryState:
+        """Drop cache slots that are empty in every row (they sit on the left)."""
+        first = 0
+        while first < self.memory_mask.shape[1] and not bool(self.memory_mask[:, first].any()):
+            first += 1
+        return replace(self, memories=self.memories[:, first:], memory_mask=self.memory_mask[:, first:])
+
     def save(self, path: str | Path) -> None:
         """Write the state to a safetensors file (atomically), e.g. to resume a document later."""
         save_tensors(path, self.tensors(), {"format": STATE_FORMAT, "hmt_version": __version__})
@@ -114,11 +135,8 @@ class MemoryState:
             torch.cat([self.memory_mask, active[:, None]], dim=1),
             torch.cat([no_slot, self.memory_mask], dim=1),
         )
-        # Drop slots on the left: beyond the cache size, or empty in every row.
-        keep_from = max(memories.shape[1] - cache_size, 0)
-        while keep_from < memories.shape[1] and not bool(mask[:, keep_from].any()):
-            keep_from += 1
-        return replace(self, memories=memories[:, keep_from:], memory_mask=mask[:, keep_from:])
+        keep_from = max(memories.shape[1] - cache_size, 0)  # evict the oldest beyond the cache size
+        return replace(self, memories=memories[:, keep_from:], memory_mask=mask[:, keep_from:])._trimmed()
 
     def with_tokens_read(self, segment_ids: torch.Tensor, segment_lengths: torch.Tensor) -> MemoryState:
         """Account for a segment of `segment_lengths` valid tokens per row (right-padded `segment_ids`)."""

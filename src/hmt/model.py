@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from hmt import __version__
 from hmt.backbone import context_length
 from hmt.config import HMTConfig
+from hmt.finetune import BACKBONE_DIR, has_lora, is_peft_model, load_lora, save_lora
 from hmt.io import ADAPTER_NAME, CONFIG_NAME, load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
 from hmt.recall import MemoryParameters
@@ -95,8 +96,8 @@ class HMTForCausalLM(nn.Module):
         length = min(64, context_length(self.backbone.config) or 64)
         step = max(1, embeddings.num_embeddings // length)
         ids = (torch.arange(length, device=embeddings.weight.device) * step)[None, :]
-        was_training = self.backbone.training
-        self.backbone.eval()
+        modes = {module: module.training for module in self.backbone.modules()}
+        self.backbone.eval()  # no dropout in the probe
         with torch.no_grad():
             inputs = embeddings(ids)
             out = self.backbone(
@@ -106,7 +107,8 @@ class HMTForCausalLM(nn.Module):
                 use_cache=False,
             )
             hidden = self.memory.project(out.hidden_states[-1])
-        self.backbone.train(was_training)
+        for module, training in modes.items():  # restore each module's own mode, not one flag for all
+            module.training = training
         return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
 
     # ---- properties -------------------------------------------------------------------------
@@ -414,9 +416,15 @@ class HMTForCausalLM(nn.Module):
 
     # ---- save / load --------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write HMT's own parameters (safetensors) and config (JSON); the backbone is not saved."""
+    def save_pretrained(self, directory: str | Path, save_backbone: bool = False) -> None:
+        """Write HMT's own parameters (safetensors) and config (JSON), plus LoRA weights if the backbone
+        has them (peft's files). The backbone itself is written (to `backbone/`) only if asked, e.g.
+        after full fine-tuning."""
         directory = Path(directory)
+        if is_peft_model(self.backbone):
+            save_lora(self.backbone, directory)
+        if save_backbone:
+            self.backbone.save_pretrained(directory / BACKBONE_DIR)
         config = self.config.replace(hmt_version=__version__)
         tensors = {name: p.detach().float() for name, p in self.memory.state_dict().items()}
         save_tensors(
@@ -431,8 +439,14 @@ class HMTForCausalLM(nn.Module):
         write_text_atomic(directory / CONFIG_NAME, config.to_json())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, backbone: PreTrainedModel) -> HMTForCausalLM:
-        """Restore an adapter written by `save_pretrained` onto `backbone`, refusing one that does not fit."""
+    def from_pretrained(
+        cls, directory: str | Path, backbone: PreTrainedModel, trainable_lora: bool = False
+    ) -> HMTForCausalLM:
+        """Restore an adapter written by `save_pretrained` onto `backbone`, refusing one that does not fit.
+
+        LoRA weights in the folder are merged into `backbone` in place (fast inference), or attached
+        as trainable peft adapters with `trainable_lora=True`.
+        """
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
@@ -454,6 +468,8 @@ class HMTForCausalLM(nn.Module):
                 f"backbone has width {embedding_dim}; load it onto the backbone it was trained with"
             )
         tensors, _ = load_tensors(directory / ADAPTER_NAME, ADAPTER_FORMAT)
+        if has_lora(directory):
+            backbone = load_lora(backbone, directory, trainable=trainable_lora)
         model = cls(backbone, config)
         expected = model.memory.state_dict()
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
