@@ -176,11 +176,162 @@ def eval_command(
     )
 
 
+def _train_help(name: str) -> str:
+    from hmt.train import TrainConfig
+
+    return TrainConfig.help(name)
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option(help="Run folder: run.json, train_log.jsonl, checkpoints/, final/.")],
+    stage: Annotated[
+        int | None,
+        typer.Option(
+            help="1: rmt + sensory memory, 2 segments, 200 steps. 2: hmt (recall on), 4 segments, "
+            "500 steps, from --init-from. Options below override the preset."
+        ),
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Stage-1 run folder (or adapter folder) that stage 2 starts from.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Training text (its train split); repeat for several. [default: essays, plays]"),
+    ] = None,
+    max_train_tokens: Annotated[
+        int | None, typer.Option(help="Use at most this many training tokens per source.")
+    ] = None,
+    validation_data: Annotated[str, typer.Option(help="Validation text (its validation split).")] = "essays",
+    validation_tokens: Annotated[int, typer.Option(help="Validation tokens (0: no validation).")] = 4096,
+    finetune: Annotated[str, typer.Option(help="Backbone weights: frozen | lora | full.")] = "lora",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[
+        list[str] | None,
+        typer.Option(help="Modules to adapt (repeat); default: peft's choice for the architecture."),
+    ] = None,
+    segment_length: Annotated[
+        int | None, typer.Option(help=_config_help("segment_length") + " [default: 512]")
+    ] = None,
+    num_sensory: Annotated[
+        int | None, typer.Option(help=_config_help("num_sensory") + " [default: 32]")
+    ] = None,
+    cache_size: Annotated[
+        int | None, typer.Option(help=_config_help("cache_size") + " [default: 300]")
+    ] = None,
+    summary_length: Annotated[int | None, typer.Option(help=_config_help("summary_length"))] = None,
+    memory_norm: Annotated[
+        str | None, typer.Option(help=_config_help("memory_norm") + " [default: learned]")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
+    unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_train_help("batch_size"))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=_train_help("grad_accum"))] = None,
+    streaming: Annotated[bool | None, typer.Option(help=_train_help("streaming"))] = None,
+    loss_on: Annotated[str | None, typer.Option(help=_train_help("loss_on"))] = None,
+    bptt_depth: Annotated[int | None, typer.Option(help=_train_help("bptt_depth"))] = None,
+    max_steps: Annotated[int | None, typer.Option(help=_train_help("max_steps"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_train_help("lr"))] = None,
+    memory_lr: Annotated[float | None, typer.Option(help=_train_help("memory_lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_train_help("weight_decay"))] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=_train_help("warmup_steps"))] = None,
+    decay_every: Annotated[int | None, typer.Option(help=_train_help("decay_every"))] = None,
+    decay_factor: Annotated[float | None, typer.Option(help=_train_help("decay_factor"))] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help=_train_help("max_grad_norm"))] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option(help=_train_help("gradient_checkpointing"))
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help=_train_help("log_every"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help=_train_help("eval_every"))] = None,
+    save_every: Annotated[int | None, typer.Option(help=_train_help("save_every"))] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help=_train_help("keep_checkpoints"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_train_help("seed"))] = None,
+) -> None:
+    """Train HMT's memory (and LoRA or the backbone) on long text: stage 1 (rmt), then stage 2 (hmt)."""
+    from hmt.commands.training import TrainRequest, run_train_command
+
+    given = dict(locals())
+    model_fields = ("segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm")
+    train_fields = (
+        "mode", "unroll", "batch_size", "grad_accum", "streaming", "loss_on", "bptt_depth", "max_steps", "lr",
+        "memory_lr", "weight_decay", "warmup_steps", "decay_every", "decay_factor", "max_grad_norm",
+        "gradient_checkpointing", "log_every", "eval_every", "save_every", "keep_checkpoints", "seed",
+    )  # fmt: skip
+    if stage is None and mode is None:
+        raise ValueError(
+            "say what to train: --stage 1, --stage 2 (with --init-from) or --mode rmt|hmt|backbone"
+        )
+    if stage not in (None, 1, 2):
+        raise ValueError(f"--stage must be 1 or 2, got {stage}")
+    run_train_command(
+        TrainRequest(
+            out=out,
+            stage=stage,
+            init_from=init_from,
+            backbone=backbone,
+            dtype=dtype,
+            device=device,
+            data=tuple(data) if data else ("essays", "plays"),
+            max_train_tokens=max_train_tokens,
+            validation_data=validation_data,
+            validation_tokens=validation_tokens,
+            finetune=finetune,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=tuple(lora_targets) if lora_targets else None,
+            model={k: given[k] for k in model_fields if given[k] is not None},
+            train={k: given[k] for k in train_fields if given[k] is not None},
+            resume=resume,
+        )
+    )
+
+
+@app.command("recall-task")
+def recall_task_command(
+    out: Annotated[Path, typer.Option(help="Folder for results.json, the plot and each arm's run.")],
+    arms: Annotated[str, typer.Option(help="Comma-separated arms: backbone, rmt, hmt.")] = "backbone,rmt,hmt",
+    segments: Annotated[int, typer.Option(help="Segments per sample; the question is in the last.")] = 6,
+    segment_length: Annotated[int, typer.Option(help="Tokens per segment.")] = 16,
+    facts: Annotated[int, typer.Option(help="Facts per sample, each in its own segment.")] = 1,
+    distance: Annotated[int, typer.Option(help="The asked fact lies at least this many segments back.")] = 4,
+    values: Annotated[int, typer.Option(help="Possible answers (chance is 1/values).")] = 16,
+    steps: Annotated[int, typer.Option(help="Training steps per arm.")] = 900,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate (backbone and memory).")] = 1e-3,
+    hidden_size: Annotated[int, typer.Option(help="Width of the small backbone trained from scratch.")] = 64,
+    layers: Annotated[int, typer.Option(help="Layers of that backbone.")] = 2,
+    curriculum: Annotated[
+        str | None,
+        typer.Option(help="Unroll curriculum, e.g. 2:300,4:600,6; default: 2, then half, then all."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data and initialisation.")] = 0,
+) -> None:
+    """Proof that memory learns: windowed backbone vs rmt vs hmt, trained from scratch, on recalling facts."""
+    from hmt.commands.synthetic import run_recall_command
+    from hmt.data.tasks import RecallTask
+    from hmt.synthetic import RecallExperiment
+
+    task = RecallTask(
+        segment_length=segment_length, num_segments=segments, num_facts=facts, min_distance=distance,
+        num_values=values, num_keys=max(16, facts),
+    )  # fmt: skip
+    experiment = RecallExperiment(
+        task=task, arms=tuple(a.strip() for a in arms.split(",") if a.strip()), hidden_size=hidden_size,
+        num_layers=layers, steps=steps, batch_size=batch_size, lr=lr, curriculum=curriculum, seed=seed,
+    )  # fmt: skip
+    run_recall_command(experiment, out)
+
+
 def main() -> None:
     """Entry point: known errors become one line on stderr (set HMT_DEBUG=1 for the traceback)."""
     try:
         app()
-    except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
         if os.environ.get(DEBUG_VARIABLE):
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -1,0 +1,122 @@
+"""`hmt train` end to end on a tiny local backbone: the two stages, resume, and refusals."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import word_text
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from hmt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hmt", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(10):  # 10 documents: 8 train, 1 validation, 1 test
+        (folder / f"doc{i:02d}.txt").write_text(word_text(i, 400))
+    return folder
+
+
+def train_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:
+    return [
+        "train", "--out", str(out), "--backbone", str(tiny_model_dir), "--data", str(corpus),
+        "--validation-data", str(corpus), "--validation-tokens", "200", "--dtype", "fp32", "--device", "cpu",
+        "--segment-length", "16", "--num-sensory", "4", "--cache-size", "8", "--batch-size", "2",
+        "--log-every", "2", "--eval-every", "4", "--save-every", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_two_stages_then_eval(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
+    one, two = tmp_path / "stage1", tmp_path / "stage2"
+    code, out, err = run_cli(
+        monkeypatch, capsys, *train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "4")
+    )
+    assert code == 0, err
+    assert {"run.json", "train_log.jsonl", "checkpoints", "final", "summary.json"} <= {
+        p.name for p in one.iterdir()
+    }
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["train_config"]["mode"] == "rmt" and summary["train_config"]["unroll"] == "2"
+    assert summary["validation"]["val_ppl"] > 1
+    assert (one / "final" / "adapter_config.json").is_file()  # LoRA by default
+    code, _, err = run_cli(
+        monkeypatch, capsys, *train_args(tiny_model_dir, corpus, two, "--stage", "2", "--init-from", str(one),
+                                         "--max-steps", "2", "--streaming"),
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["train_config"]["mode"] == "hmt" and summary["train_config"]["streaming"]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "eval", "--backbone", str(tiny_model_dir), "--adapter", str(two / "final"),
+        "--data", str(corpus), "--split", "test", "--max-tokens", "100", "--modes", "hmt,backbone",
+        "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(tiny_model_dir, corpus, run, "--mode", "hmt", "--max-steps", "2")
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    log_before = (run / "train_log.jsonl").read_text()
+    # Starting again in the same folder would overwrite it: refused.
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "already holds a run" in err and "--resume" in err
+    # Resuming with other settings: refused, naming the difference.
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume", "--lr", "0.5")
+    assert code == 1 and "lr: 0.0001 then, 0.5 now" in err
+    # Resuming with more steps continues the log.
+    longer = train_args(tiny_model_dir, corpus, run, "--mode", "hmt", "--max-steps", "4", "--resume")
+    assert run_cli(monkeypatch, capsys, *longer)[0] == 0
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert (run / "train_log.jsonl").read_text().startswith(log_before) and steps[-1] == 4
+    code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "none", "--mode",
+                                                            "hmt", "--resume"))  # fmt: skip
+    assert code == 1 and "nothing to resume" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--stage", "2"], "stage 2 starts from a stage-1 run"),
+        (["--stage", "2", "--init-from", "/no/such/run"], "does not exist"),
+        ([], "say what to train"),
+        (["--mode", "hmt", "--max-train-tokens", "100", "--unroll", "8"], "fewer than one sample"),
+        (["--mode", "hmt", "--finetune", "half"], "finetune must be one of"),
+    ],
+)
+def test_bad_requests(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path, extra, message):
+    code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "r", *extra))
+    assert code == 1 and message in err, err
+
+
+def test_stage2_refuses_an_unfinished_or_foreign_stage1(
+    monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
+):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text("{}")
+    code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "r", "--stage", "2",
+                                                            "--init-from", str(unfinished)))  # fmt: skip
+    assert code == 1 and "has not finished" in err
+    from conftest import tiny_hmt
+
+    tiny_hmt("gpt2", segment_length=16, num_sensory=4).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "r2", "--stage", "2",
+                                                            "--init-from", str(tmp_path / "gpt2")))  # fmt: skip
+    assert code == 1 and "made for a gpt2 backbone" in err
