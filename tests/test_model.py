@@ -438,3 +438,16 @@ def test_wrapping_leaves_the_backbone_modes_alone():
     before = {name: m.training for name, m in backbone.named_modules()}
     HMTForCausalLM(backbone, HMTConfig(segment_length=8, num_sensory=2))
     assert {name: m.training for name, m in backbone.named_modules()} == before
+
+
+def test_recall_normalisation_makes_recall_scale_free():
+    """With recall_norm the weights do not change when memories and queries are rescaled; without, they do."""
+    from hmt.recall import MemoryParameters
+
+    torch.manual_seed(0)
+    query, memories, mask = torch.randn(2, 32), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    for recall_norm in (True, False):
+        params = MemoryParameters(16, 32, 8, 0.02, recall_norm=recall_norm)
+        _, small = params.recall(query, memories, mask)
+        _, large = params.recall(50 * query, 50 * memories, mask)
+        assert torch.allclose(small, large, atol=1e-5) == recall_norm

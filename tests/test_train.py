@@ -180,3 +180,30 @@ def test_nothing_to_train_is_an_error(tmp_path):
     model.backbone.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), quiet(mode="backbone"), tmp_path)
+
+
+def test_gradient_checkpointing_and_bptt_reach_the_model(tmp_path, monkeypatch):
+    stream = random_ids(1, 800)[0]
+    seen = []
+
+    def run(run_dir, **changes):
+        torch.manual_seed(0)
+        model = tiny_hmt("llama")
+        model.backbone.requires_grad_(True)
+        original = model.forward
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("bptt_depth"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", spy)
+        train(model, RandomWindows(stream, 2, 0), quiet(max_steps=2, unroll="3", **changes), run_dir)
+        return trainable_state(model)
+
+    plain = run(tmp_path / "a")
+    checkpointed = run(tmp_path / "b", gradient_checkpointing=True, bptt_depth=2)
+    assert seen[-1] == 2 and seen[0] is None
+    with_bptt = run(tmp_path / "c", bptt_depth=2)
+    for name, value in with_bptt.items():  # recomputing activations changes nothing
+        torch.testing.assert_close(checkpointed[name], value, atol=1e-5, rtol=0, msg=name)
+    assert any(not torch.equal(plain[n], with_bptt[n]) for n in plain)  # the cut changes the gradients

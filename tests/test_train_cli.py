@@ -43,7 +43,7 @@ def train_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:
 
 def test_two_stages_then_eval(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
     one, two = tmp_path / "stage1", tmp_path / "stage2"
-    code, out, err = run_cli(
+    code, _, err = run_cli(
         monkeypatch, capsys, *train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "4")
     )
     assert code == 0, err

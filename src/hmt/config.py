@@ -55,6 +55,14 @@ class HMTConfig:
             "match (rescaled to the mean embedding norm), none (raw, as in the paper's code)."
         },
     )
+    recall_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "RMS-normalise the query and the cached memories before W_q and W_k, so recall starts "
+            "neither collapsed nor uniform whatever the scale of the backbone's states or of the memories; "
+            "false: the paper's formula on raw states."
+        },
+    )
     query_batch_size: int = field(
         default=32,
         metadata={
@@ -100,6 +108,8 @@ class HMTConfig:
                 f"memory_norm must be one of {', '.join(MEMORY_NORMS)}, got {self.memory_norm!r}"
             )
         _require_int("query_batch_size", self.query_batch_size, minimum=1)
+        if not isinstance(self.recall_norm, bool):
+            raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
 
     @property
     def query_length(self) -> int:

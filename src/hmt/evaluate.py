@@ -72,6 +72,7 @@ class ModeResult:
     segment_ppl: list[float | None]  # per bin of L stream tokens (same bins for every mode)
     recall: RecallStats | None = None
     memory_norm: float | None = None  # mean L2 norm of the cached memories at the end
+    embedding_norm: float | None = None  # mean L2 norm of the backbone's token embeddings (the target scale)
     token_losses: torch.Tensor | None = field(default=None, repr=False)  # (stream_len,), for further analysis
 
     def to_dict(self) -> dict:
@@ -150,9 +151,11 @@ def _score_stream(
     token_losses, token_mask = torch.cat(losses).float().cpu(), torch.cat(masks).cpu()
     scored = int(token_mask.sum())
     nll = float(token_losses[token_mask].sum()) / max(scored, 1)
-    memory_norm = None
-    if mode in ("rmt", "hmt") and state.memories.shape[1] > 0:
-        memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())
+    memory_norm = embedding_norm = None
+    if mode in ("rmt", "hmt"):
+        embedding_norm = float(model.memory.embedding_norm)
+        if state.memory_mask.any():
+            memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())
     return ModeResult(
         mode=mode,
         window=window,
@@ -164,6 +167,7 @@ def _score_stream(
         segment_ppl=segment_perplexities(token_losses, token_mask, original.segment_length),
         recall=recall_stats(weights) if mode == "hmt" else None,
         memory_norm=memory_norm,
+        embedding_norm=embedding_norm,
         token_losses=token_losses,
     )
 

@@ -22,11 +22,13 @@ class MemoryParameters(nn.Module):
         recall_dim: int,
         embedding_std: float,
         memory_norm: str = "learned",
+        recall_norm: bool = True,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.recall_dim = recall_dim
         self.memory_norm = memory_norm
+        self.recall_norm = recall_norm
         # T and m0 look like token embeddings: normal, scaled by the backbone's embedding spread.
         self.summary_prompt = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
         self.initial_memory = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
@@ -71,8 +73,13 @@ class MemoryParameters(nn.Module):
         Returns the recalled memory (batch, d), equal to m0 for rows with an empty cache, and the
         recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
         """
-        q = self.query_proj(query.to(self.query_proj.weight.dtype))  # (batch, d_h)
-        k = self.key_proj(memories)  # (batch, slots, d_h)
+        query = query.to(self.query_proj.weight.dtype)
+        if self.recall_norm:
+            query, keys_in = _rms_normalise(query), _rms_normalise(memories)
+        else:
+            keys_in = memories
+        q = self.query_proj(query)  # (batch, d_h)
+        k = self.key_proj(keys_in)  # (batch, slots, d_h)
         scores = torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
         scores = scores.masked_fill(~memory_mask, float("-inf"))
         has_memory = memory_mask.any(dim=1, keepdim=True)  # (batch, 1)
@@ -90,3 +97,8 @@ class MemoryParameters(nn.Module):
             return self.initial_memory.expand(batch, width)
         newest_valid = memory_mask[:, -1:]  # right-aligned: the last slot is the newest
         return torch.where(newest_valid, memories[:, -1], self.initial_memory.expand(batch, width))
+
+
+def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x) over the last dimension: unit mean square, whatever the scale x comes at."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-12)

@@ -99,6 +99,8 @@ def run_eval_command(request: EvalRequest, console: Console | None = None) -> di
     written = [write_report(report, results_path)]
     written += _plots(report, out_dir)
     console.print(results_table(results, adapter_note))
+    for line in diagnostics(results):
+        console.print(line)
     console.print("wrote " + ", ".join(str(p) for p in written))
     return report
 
@@ -191,6 +193,19 @@ def results_table(results: dict[str, ModeResult], adapter_note: str) -> Table:
             f"{r.tokens_per_second:.0f}", recall,
         )  # fmt: skip
     return table
+
+
+def diagnostics(results: dict[str, ModeResult]) -> list[str]:
+    """One line per memory mode: memory vs embedding scale, and how sharply recall chose."""
+    lines = []
+    for mode, r in results.items():
+        if r.embedding_norm is None:
+            continue
+        line = f"{mode}: memory norm {r.memory_norm or 0:.2f} (token embeddings {r.embedding_norm:.2f})"
+        if r.recall is not None and r.recall.segments:
+            line += f"; recall entropy {r.recall.mean_entropy:.2f} nats, strongest weight {r.recall.mean_max_weight:.2f}"
+        lines.append(line)
+    return lines
 
 
 def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
