@@ -451,3 +451,11 @@ def test_recall_normalisation_makes_recall_scale_free():
         _, small = params.recall(query, memories, mask)
         _, large = params.recall(50 * query, 50 * memories, mask)
         assert torch.allclose(small, large, atol=1e-5) == recall_norm
+
+
+def test_recall_starts_as_a_similarity_search():
+    similar = tiny_hmt("llama")
+    torch.testing.assert_close(similar.memory.key_proj.weight, similar.memory.query_proj.weight)
+    assert similar.memory.key_proj.weight is not similar.memory.query_proj.weight  # tied at the start only
+    independent = tiny_hmt("llama", recall_init="independent")
+    assert not torch.allclose(independent.memory.key_proj.weight, independent.memory.query_proj.weight)

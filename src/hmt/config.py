@@ -63,6 +63,14 @@ class HMTConfig:
             "false: the paper's formula on raw states."
         },
     )
+    recall_init: str = field(
+        default="similarity",
+        metadata={
+            "help": "similarity: W_k starts equal to W_q, so recall starts as a similarity search between the "
+            "query and the memories (without it, recall never learned to pick memories by content in our "
+            "synthetic task); independent: two random matrices, as in the paper."
+        },
+    )
     query_batch_size: int = field(
         default=32,
         metadata={
@@ -108,6 +116,8 @@ class HMTConfig:
                 f"memory_norm must be one of {', '.join(MEMORY_NORMS)}, got {self.memory_norm!r}"
             )
         _require_int("query_batch_size", self.query_batch_size, minimum=1)
+        if self.recall_init not in ("similarity", "independent"):
+            raise ValueError(f"recall_init must be similarity or independent, got {self.recall_init!r}")
         if not isinstance(self.recall_norm, bool):
             raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
 

@@ -88,6 +88,7 @@ class HMTForCausalLM(nn.Module):
             _embedding_std(embeddings),
             self.config.memory_norm,
             self.config.recall_norm,
+            self.config.recall_init,
         ).to(device=device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
@@ -131,7 +132,8 @@ class HMTForCausalLM(nn.Module):
 
         Used to evaluate one set of memory parameters in several modes; checks the new settings fit.
         """
-        fixed = {"recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm"} & set(changes)
+        fixed = {"recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init"}
+        fixed &= set(changes)
         if fixed:
             raise ValueError(
                 f"{sorted(fixed)} are tied to the parameters; build a new HMTForCausalLM instead"

@@ -23,6 +23,7 @@ class MemoryParameters(nn.Module):
         embedding_std: float,
         memory_norm: str = "learned",
         recall_norm: bool = True,
+        recall_init: str = "similarity",
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -34,6 +35,9 @@ class MemoryParameters(nn.Module):
         self.initial_memory = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
         self.query_proj = nn.Linear(output_dim, recall_dim, bias=False)
         self.key_proj = nn.Linear(embedding_dim, recall_dim, bias=False)
+        if recall_init == "similarity" and output_dim == embedding_dim:
+            with torch.no_grad():  # (S W_q)(M W_q)^T ~ S . M: recall starts by similarity
+                self.key_proj.weight.copy_(self.query_proj.weight)
         self.output_proj = (
             nn.Linear(output_dim, embedding_dim, bias=False) if output_dim != embedding_dim else None
         )
