@@ -50,3 +50,29 @@ def test_memory_learns_to_recall_a_fact_four_segments_back(tmp_path):
     assert results["backbone"].accuracy < 2.5 * chance, results["backbone"]
     assert results["rmt"].accuracy >= 0.9, results["rmt"]
     assert results["hmt"].accuracy >= 0.9, results["hmt"]
+
+
+def test_recall_task_command_writes_results(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from hmt.cli import main
+
+    argv = ["hmt", "recall-task", "--segments", "3", "--distance", "2", "--steps", "3", "--batch-size", "4",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as finished:
+        main()
+    assert finished.value.code in (0, None)
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(report["arms"]) == {"backbone", "rmt", "hmt"}
+    assert {"accuracy", "chance", "recall_hit_rate", "recall_distance"} <= set(report["arms"]["hmt"])
+    assert (tmp_path / "run" / "recall_at_question.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(sys, "argv", [*argv, "--arms", "hmt"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "results.json exists" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", [*argv[:-2], "--out", str(tmp_path / "other"), "--arms", "lstm"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "arms must be among backbone, rmt, hmt" in capsys.readouterr().err
