@@ -59,7 +59,8 @@ def save_lora(backbone: Any, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=directory))
     try:
-        backbone.save_pretrained(staging)
+        # hmt never resizes the vocabulary, so peft need not look the base model up (on the Hub)
+        backbone.save_pretrained(staging, save_embedding_layers=False)
         for item in staging.iterdir():
             if item.is_file():
                 os.replace(item, directory / item.name)

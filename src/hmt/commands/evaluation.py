@@ -177,20 +177,14 @@ def build_model(request: EvalRequest, backbone: Backbone) -> tuple[HMTForCausalL
 
 def results_table(results: dict[str, ModeResult], adapter_note: str) -> Table:
     table = Table(title="Perplexity on the same tokens", caption=f"adapter: {adapter_note}")
-    for column in ("mode", "window", "ppl", "vs backbone", "scored", "sec", "tok/s", "recall"):
-        table.add_column(
-            column, justify="left" if column in ("mode", "recall") else "right", no_wrap=column == "mode"
-        )
+    for column in ("mode", "window", "ppl", "vs backbone", "tokens scored", "seconds", "tokens/s"):
+        table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=column == "mode")
     reference = results.get("backbone")
     for mode, r in results.items():
         relative = f"{100 * (r.ppl / reference.ppl - 1):+.1f}%" if reference else "-"
-        recall = ""
-        if r.recall is not None and r.recall.segments:
-            top = max(r.recall.distance_histogram.items(), key=lambda kv: kv[1])[0]
-            recall = f"{top} back, w {r.recall.mean_max_weight:.2f}"
         table.add_row(
             mode, str(r.window), f"{r.ppl:.2f}", relative, str(r.tokens_scored), f"{r.seconds:.0f}",
-            f"{r.tokens_per_second:.0f}", recall,
+            f"{r.tokens_per_second:.0f}",
         )  # fmt: skip
     return table
 
@@ -203,7 +197,11 @@ def diagnostics(results: dict[str, ModeResult]) -> list[str]:
             continue
         line = f"{mode}: memory norm {r.memory_norm or 0:.2f} (token embeddings {r.embedding_norm:.2f})"
         if r.recall is not None and r.recall.segments:
-            line += f"; recall entropy {r.recall.mean_entropy:.2f} nats, strongest weight {r.recall.mean_max_weight:.2f}"
+            top = max(r.recall.distance_histogram.items(), key=lambda kv: kv[1])[0]
+            line += (
+                f"; recall entropy {r.recall.mean_entropy:.2f} nats, strongest weight "
+                f"{r.recall.mean_max_weight:.2f}, most often {top} segment(s) back"
+            )
         lines.append(line)
     return lines
 
