@@ -125,3 +125,19 @@ def tiny_model_dir(tmp_path_factory):
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `hmt ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from hmt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hmt", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import random_ids, tiny_hmt, word_text
+from conftest import random_ids, run_cli, tiny_hmt, word_text
 from hmt.evaluate import EvalConfig, recall_stats, run_eval, segment_perplexities
 
 ATOL = 1e-5
@@ -87,19 +86,6 @@ def test_text_shorter_than_one_segment():
 
 
 # ---- the command ----------------------------------------------------------------------------------
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from hmt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hmt", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

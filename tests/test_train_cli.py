@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from conftest import word_text
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from hmt.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hmt", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli, word_text
 
 
 @pytest.fixture

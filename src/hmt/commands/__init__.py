@@ -1,1 +1,9 @@
 """The bodies of the `hmt` commands: console output and files around the library calls."""
+
+
+def quiet_transformers() -> None:
+    """Commands show their own progress: silence transformers' per-load bars and info logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hmt.backbone import Backbone, load_backbone
+from hmt.commands import quiet_transformers
 from hmt.config import HMTConfig
 from hmt.evaluate import EvalConfig, ModeResult, make_report, run_eval, write_report
 from hmt.model import HMTForCausalLM
@@ -106,10 +107,7 @@ def run_eval_command(request: EvalRequest, console: Console | None = None) -> di
 
 
 def _quiet_load(request: EvalRequest) -> Backbone:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     return load_backbone(request.backbone, dtype=request.dtype, device=request.device)
 
 

@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hmt import __version__
+from hmt.commands import quiet_transformers
 from hmt.config import HMTConfig
 from hmt.train import TrainConfig
 
@@ -207,15 +208,8 @@ def _load(request: TrainRequest, init_adapter: Path | None, device: torch.device
     spec = request.backbone
     if spec is None and init_adapter is not None and (init_adapter / BACKBONE_DIR).is_dir():
         spec = str(init_adapter / BACKBONE_DIR)  # stage 1 fine-tuned the whole backbone
-    _quiet_transformers()
+    quiet_transformers()
     return load_backbone(spec, dtype=request.dtype, device=device)
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def build_training_model(
