@@ -46,7 +46,7 @@ def test_unknown_keys_from_a_newer_version_warn_not_fail():
         ({"summary_length": 0}, "summary_length must be >= 1"),
         ({"cache_size": 0}, "cache_size must be >= 1"),
         ({"recall_dim": 0}, "recall_dim must be >= 1"),
-        ({"mode": "lstm"}, "mode must be one of backbone, rmt, hmt"),
+        ({"mode": "lstm"}, "mode must be one of backbone, sliding, memory_off, rmt, hmt"),
         ({"segment_length": 12.5}, "segment_length must be an integer"),
         ({"cache_size": True}, "cache_size must be an integer"),
         ({"query_batch_size": 0}, "query_batch_size must be >= 1"),

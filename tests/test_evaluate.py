@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,30 @@ def test_call_size_does_not_change_results():
         torch.testing.assert_close(one[mode].token_losses, many[mode].token_losses, atol=ATOL, rtol=0)
 
 
+def test_memory_reset_every_segment_is_memory_off_and_a_long_interval_is_no_reset():
+    model = tiny_hmt("llama", segment_length=8, num_sensory=2)
+    stream = random_ids(1, 70)[0]
+    carried = run_eval(model, stream, EvalConfig(modes=("rmt", "hmt")))
+    reset_1 = run_eval(model, stream, EvalConfig(modes=("rmt", "memory_off"), reset_every=1))
+    reset_3 = run_eval(model, stream, EvalConfig(modes=("rmt", "hmt"), reset_every=3))
+    reset_long = run_eval(model, stream, EvalConfig(modes=("rmt", "hmt"), reset_every=100))
+    # With the cache emptied before every segment, rmt reads m0 each time: the memory_off control.
+    torch.testing.assert_close(
+        reset_1["rmt"].token_losses, reset_1["memory_off"].token_losses, atol=ATOL, rtol=0
+    )
+    for mode in ("rmt", "hmt"):
+        torch.testing.assert_close(
+            reset_long[mode].token_losses, carried[mode].token_losses, atol=ATOL, rtol=0
+        )
+        assert reset_3[mode].tokens_scored == carried[mode].tokens_scored
+        # The first three segments are read alike; after the first reset they differ.
+        torch.testing.assert_close(
+            reset_3[mode].token_losses[:24], carried[mode].token_losses[:24], atol=ATOL, rtol=0
+        )
+        assert not torch.allclose(reset_3[mode].token_losses[24:], carried[mode].token_losses[24:])
+    assert max(reset_3["hmt"].recall.distance_histogram) <= 2
+
+
 def test_score_mask_leaves_positions_unscored():
     model = tiny_hmt("llama")
     stream = random_ids(1, 40)[0]
@@ -73,6 +98,7 @@ def test_segment_perplexities_and_recall_stats():
         ({"modes": ("hmt", "lstm")}, "unknown mode"),
         ({"modes": ("hmt", "hmt")}, "modes repeat"),
         ({"full_window": 0}, "full_window must be >= 1"),
+        ({"reset_every": 0}, "reset_every must be >= 1"),
     ],
 )
 def test_eval_config_errors(kwargs, message):
@@ -176,3 +202,14 @@ def test_adapter_that_does_not_fit(monkeypatch, capsys, tiny_model_dir, text_fil
     args = eval_args(tiny_model_dir, text_file, tmp_path / "run", "--adapter", str(tmp_path / "gpt2-adapter"))
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "made for a gpt2 backbone" in err
+
+
+def test_adapter_resolution(tmp_path, monkeypatch):
+    from hmt import adapters
+    from hmt.commands.evaluation import resolve_adapter
+
+    assert resolve_adapter(Path("none"), None) is None  # explicit: untrained memory parameters
+    assert resolve_adapter(tmp_path, None) == tmp_path
+    monkeypatch.setattr(adapters, "default_adapter", lambda: tmp_path / "shipped")
+    assert resolve_adapter(None, None) == tmp_path / "shipped"  # the default backbone gets its adapter
+    assert resolve_adapter(None, "some/other-model") is None  # another backbone does not

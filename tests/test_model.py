@@ -57,7 +57,7 @@ def test_backbone_mode_reads_independent_windows():
 # ---- streaming: chunks with a carried state == one call ------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["rmt", "hmt", "backbone"])
+@pytest.mark.parametrize("mode", ["rmt", "hmt", "backbone", "sliding", "memory_off"])
 def test_chunked_calls_equal_one_call(arch, mode):
     model = tiny_hmt(arch, mode=mode)
     ids = random_ids(2, 45)
@@ -236,9 +236,41 @@ def test_rmt_mode_feeds_the_previous_memory():
     torch.testing.assert_close(calls[2][0, 0], written[1], atol=ATOL, rtol=0)
 
 
+def test_sliding_mode_rereads_the_previous_k_tokens_without_memory_slots(arch):
+    model = tiny_hmt(arch, mode="sliding", segment_length=8, num_sensory=3)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        out = model(ids, return_logits=True)
+        windows = [
+            model.backbone(ids[:, max(s - 3, 0) : s + 8]).logits[:, -min(8, 20 - s) :] for s in (0, 8, 16)
+        ]
+    torch.testing.assert_close(out.logits, torch.cat(windows, dim=1), atol=ATOL, rtol=0)
+    assert out.recall_weights is None and out.state.memories.shape[1] == 0
+    with torch.no_grad():  # with k = 0 it is the windowed backbone
+        model.reconfigure(num_sensory=0)
+        no_sensory = model(ids).token_losses
+        model.reconfigure(mode="backbone")
+        torch.testing.assert_close(no_sensory, model(ids).token_losses, atol=ATOL, rtol=0)
+
+
+def test_memory_off_mode_always_reads_m0_and_keeps_no_cache():
+    model = tiny_hmt("llama", mode="memory_off", num_sensory=2)
+    calls = capture_main_inputs(model)
+    ids = random_ids(1, 24)
+    with torch.no_grad():
+        out = model(ids)
+    m0 = model.memory.initial_memory
+    for call in calls:
+        torch.testing.assert_close(call[0, 0], m0, atol=0, rtol=0)
+        torch.testing.assert_close(call[0, -1], m0, atol=0, rtol=0)
+    assert out.state.memories.shape[1] == 0 and out.recall_weights is None
+    assert calls[1].shape[1] == 1 + 2 + 8 + 1  # sensory tokens are read as in hmt
+
+
 def test_memory_changes_predictions_in_memory_modes_only():
     ids = random_ids(1, 32)
-    for mode, should_change in [("hmt", True), ("rmt", True), ("backbone", False)]:
+    modes = [("hmt", True), ("rmt", True), ("memory_off", True), ("backbone", False), ("sliding", False)]
+    for mode, should_change in modes:
         model = tiny_hmt("llama", mode=mode)
         with torch.no_grad():
             before = model(ids).token_losses

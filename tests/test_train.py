@@ -90,6 +90,11 @@ def test_rmt_trains_only_the_parameters_it_uses():
     }
     set_trainable_memory(model, "hmt")
     assert all(p.requires_grad for p in model.memory.parameters())
+    set_trainable_memory(model, "memory_off")
+    assert [n for n, p in model.memory.named_parameters() if p.requires_grad] == ["initial_memory"]
+    for control in ("backbone", "sliding"):
+        set_trainable_memory(model, control)
+        assert not any(p.requires_grad for p in model.memory.parameters())
 
 
 # ---- data ----------------------------------------------------------------------------------------

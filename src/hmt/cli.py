@@ -101,9 +101,10 @@ def inspect(
 
 @app.command("eval")
 def eval_command(
-    modes: Annotated[str, typer.Option(help="Comma-separated modes: backbone, rmt, hmt, full.")] = (
-        "backbone,rmt,hmt,full"
-    ),
+    modes: Annotated[
+        str,
+        typer.Option(help="Comma-separated modes: backbone, sliding, memory_off, rmt, hmt, full."),
+    ] = ("backbone,rmt,hmt,full"),
     segment_length: Annotated[
         int | None, typer.Option(help=_config_help("segment_length") + " [default: 512]")
     ] = None,
@@ -121,7 +122,8 @@ def eval_command(
     adapter: Annotated[
         Path | None,
         typer.Option(
-            help="HMT adapter folder (save_pretrained); its settings are the defaults of the above."
+            help="HMT adapter folder (save_pretrained); its settings are the defaults of the above. "
+            "Default: the adapter shipped for the default backbone; 'none': untrained memory parameters."
         ),
     ] = None,
     out: Annotated[
@@ -131,6 +133,12 @@ def eval_command(
     device: DeviceOpt = None,
     full_window: Annotated[
         int | None, typer.Option(help="Window of the 'full' mode; default: the backbone's context length.")
+    ] = None,
+    reset_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Empty the memory cache every this many segments (e.g. the training unroll); default: never."
+        ),
     ] = None,
     interleave: Annotated[
         str | None,
@@ -167,6 +175,7 @@ def eval_command(
             dtype=dtype,
             device=device,
             full_window=full_window,
+            reset_every=reset_every,
             interleave=interleave,
             dilate=dilate,
             filler=filler,
@@ -325,6 +334,76 @@ def recall_task_command(
         num_layers=layers, steps=steps, batch_size=batch_size, lr=lr, curriculum=curriculum, seed=seed,
     )  # fmt: skip
     run_recall_command(experiment, out)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@app.command("compare")
+def compare_command(
+    out: Annotated[Path, typer.Option(help="Folder for every arm's runs, evaluations and comparison.json.")],
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms: windowed, sliding, memory_off, rmt, hmt.")
+    ] = "windowed,sliding,memory_off,rmt,hmt",
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds; each arm is trained once per seed.")
+    ] = "0",
+    segment_length: Annotated[int, typer.Option(help="New tokens per segment (L).")] = 256,
+    num_sensory: Annotated[int, typer.Option(help="Sensory tokens (k); the sliding window is L + k.")] = 32,
+    cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
+    stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
+    stage2_steps: Annotated[
+        int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")
+    ] = 60,
+    stage1_unroll: Annotated[int, typer.Option(help="Segments per stage-1 sample.")] = 2,
+    stage2_unroll: Annotated[int, typer.Option(help="Segments per stage-2 sample.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Samples (stage 2: lanes) per step.")] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate of LoRA (or the backbone).")] = 1e-4,
+    memory_lr: Annotated[float, typer.Option(help="Learning rate of HMT's parameters.")] = 1e-3,
+    finetune: Annotated[str, typer.Option(help="Backbone weights: frozen | lora | full.")] = "lora",
+    train_data: Annotated[str, typer.Option(help="Comma-separated training texts (train split).")] = (
+        "essays,plays"
+    ),
+    eval_data: Annotated[str, typer.Option(help="Comma-separated evaluation texts (test split).")] = (
+        "essays,plays"
+    ),
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored per evaluation text.")] = 16384,
+    backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Does memory help on real text? Windowed, sliding window, memory off, rmt and hmt, trained alike."""
+    from hmt.commands.comparison import CompareRequest, run_compare_command
+
+    try:
+        seed_values = tuple(int(s) for s in _split_list(seeds))
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    run_compare_command(
+        CompareRequest(
+            out=out,
+            arms=_split_list(arms),
+            seeds=seed_values,
+            segment_length=segment_length,
+            num_sensory=num_sensory,
+            cache_size=cache_size,
+            stage1_steps=stage1_steps,
+            stage2_steps=stage2_steps,
+            stage1_unroll=stage1_unroll,
+            stage2_unroll=stage2_unroll,
+            batch_size=batch_size,
+            lr=lr,
+            memory_lr=memory_lr,
+            finetune=finetune,
+            train_data=_split_list(train_data),
+            eval_data=_split_list(eval_data),
+            eval_tokens=eval_tokens,
+            backbone=backbone,
+            dtype=dtype,
+            device=device,
+        )
+    )
 
 
 def main() -> None:

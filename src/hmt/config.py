@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-Mode = Literal["backbone", "rmt", "hmt"]
-MODES: tuple[str, ...] = ("backbone", "rmt", "hmt")
+Mode = Literal["backbone", "sliding", "memory_off", "rmt", "hmt"]
+MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
+# Modes that put memory slots around each segment (the controls "backbone" and "sliding" do not).
+MEMORY_MODES: tuple[str, ...] = ("memory_off", "rmt", "hmt")
 MemoryNorm = Literal["learned", "match", "none"]
 MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 
@@ -43,7 +45,9 @@ class HMTConfig:
     mode: Mode = field(
         default="hmt",
         metadata={
-            "help": "backbone: independent windows, no memory; rmt: memory recurrence without recall; "
+            "help": "backbone: independent windows, no memory; sliding: windows that also reread the "
+            "previous k tokens (sensory memory only); memory_off: sensory tokens and memory slots that "
+            "always hold the learned m0 (a control); rmt: memory recurrence without recall; "
             "hmt: sensory, short-term and long-term memory with recall."
         },
     )

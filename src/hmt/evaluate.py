@@ -23,7 +23,7 @@ from hmt.backbone import context_length
 from hmt.io import write_text_atomic
 from hmt.model import IGNORE_INDEX, HMTForCausalLM
 
-EVAL_MODES: tuple[str, ...] = ("backbone", "rmt", "hmt", "full")
+EVAL_MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt", "full")
 
 Progress = Callable[[str, int, int], None]  # (mode, tokens done, tokens in all)
 
@@ -35,6 +35,7 @@ class EvalConfig:
     modes: tuple[str, ...] = EVAL_MODES
     full_window: int | None = None  # None: the backbone's maximum positions
     segments_per_call: int = 8  # segments per forward call: only the progress granularity changes
+    reset_every: int | None = None  # empty the memory cache every this many segments (None: carry it)
 
     def __post_init__(self) -> None:
         if not self.modes:
@@ -46,6 +47,8 @@ class EvalConfig:
             raise ValueError(f"modes repeat: {', '.join(self.modes)}")
         if self.full_window is not None and self.full_window < 1:
             raise ValueError(f"full_window must be >= 1, got {self.full_window}")
+        if self.reset_every is not None and self.reset_every < 1:
+            raise ValueError(f"reset_every must be >= 1 segment, got {self.reset_every}")
         if self.segments_per_call < 1:
             raise ValueError(f"segments_per_call must be >= 1, got {self.segments_per_call}")
 
@@ -131,7 +134,8 @@ def _score_stream(
     original,
     progress: Progress | None,
 ) -> ModeResult:
-    chunk = window if mode == "full" else window * config.segments_per_call
+    reset = config.reset_every if mode in ("rmt", "hmt") else None
+    chunk = window if mode == "full" else window * (reset or config.segments_per_call)
     total = stream.shape[0]
     state, losses, masks, weights = None, [], [], []
     if progress is not None:
@@ -139,6 +143,8 @@ def _score_stream(
     started = time.perf_counter()
     with torch.no_grad():
         for start in range(0, total, chunk):
+            if reset and state is not None:
+                state = state.forget()
             ids = stream[None, start : start + chunk]
             out = model(ids, labels=labels[None, start : start + chunk], state=state, num_logits=0)
             state = out.state
@@ -152,7 +158,7 @@ def _score_stream(
     scored = int(token_mask.sum())
     nll = float(token_losses[token_mask].sum()) / max(scored, 1)
     memory_norm = embedding_norm = None
-    if mode in ("rmt", "hmt"):
+    if mode in ("rmt", "hmt"):  # the modes that write memories
         embedding_norm = float(model.memory.embedding_norm)
         if state.memory_mask.any():
             memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())

@@ -93,6 +93,11 @@ class MemoryState:
         )
         return state._trimmed()
 
+    def forget(self) -> MemoryState:
+        """The same state with an empty memory cache: the text read so far (sensory tokens, the carried
+        prediction) is kept, the memories are not. Used to evaluate memory reset every few segments."""
+        return replace(self, memories=self.memories[:, :0], memory_mask=self.memory_mask[:, :0])
+
     def _trimmed(self) -> MemoryState:
         """Drop cache slots that are empty in every row (they sit on the left)."""
         first = 0

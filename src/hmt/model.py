@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from hmt import __version__
 from hmt.backbone import context_length
-from hmt.config import HMTConfig
+from hmt.config import MEMORY_MODES, HMTConfig
 from hmt.finetune import BACKBONE_DIR, has_lora, is_peft_model, load_lora, save_lora
 from hmt.io import ADAPTER_NAME, CONFIG_NAME, load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
@@ -177,7 +177,8 @@ class HMTForCausalLM(nn.Module):
         batch, seq_len = input_ids.shape
         state = self._check_state(state, batch)
         cfg = self.config
-        use_memory = cfg.mode != "backbone"
+        use_memory = cfg.mode in MEMORY_MODES
+        use_sensory = cfg.mode != "backbone" and cfg.num_sensory > 0
         num_steps = math.ceil(int(packed.lengths.max()) / cfg.segment_length)
         queries = self._encode_queries(packed, num_steps) if cfg.mode == "hmt" else None
         if return_logits:
@@ -200,14 +201,16 @@ class HMTForCausalLM(nn.Module):
             active = seg_lengths > 0
             if not use_memory:
                 read = None
+            elif cfg.mode == "memory_off":
+                read = self.memory.initial_memory.expand(batch, -1)
             elif cfg.mode == "rmt":
                 read = self.memory.last_memory(state.memories, state.memory_mask)
             else:
                 read, weights = self.memory.recall(queries[:, step], state.memories, state.memory_mask)
                 recall_weights.append(weights)
-            logits, written = self._main_pass(seg_ids, seg_lengths, state, read)
+            logits, written = self._main_pass(seg_ids, seg_lengths, state, read, use_sensory)
             collector.add_segment(start, seg_lengths, logits)
-            if use_memory:
+            if cfg.mode in ("rmt", "hmt"):
                 state = state.with_memory(written, active, cfg.cache_size)
             state = state.with_tokens_read(seg_ids, seg_lengths)
         state = collector.carry_prediction(state)
@@ -227,8 +230,10 @@ class HMTForCausalLM(nn.Module):
         seg_lengths: torch.Tensor,
         state: MemoryState,
         read: torch.Tensor | None,
+        use_sensory: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One backbone call over the active rows: [P | sensory | segment | P] (memory modes) or the segment.
+        """One backbone call over the active rows: [P | sensory | segment | P] (memory modes), [sensory |
+        segment] (sliding) or the segment alone (backbone).
 
         Returns the logits at every segment position of the active rows, flattened row by row
         (sum(seg_lengths), vocab), and the written memory per row (batch, d) (zeros for inactive rows).
@@ -236,7 +241,6 @@ class HMTForCausalLM(nn.Module):
         embed = self.backbone.get_input_embeddings()
         dtype = embed.weight.dtype
         use_memory = read is not None
-        use_sensory = use_memory and self.config.num_sensory > 0
         rows = torch.nonzero(seg_lengths > 0).flatten().tolist()
         sequences, text_starts = [], []
         for row in rows:
@@ -613,6 +617,8 @@ def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:
     limit = context_length(backbone.config)
     if config.mode == "backbone":
         needed, what = config.segment_length, "segment_length"
+    elif config.mode == "sliding":
+        needed, what = config.segment_length + config.num_sensory, "segment_length + num_sensory"
     else:
         needed, what = (
             config.segment_length + config.num_sensory + 2,

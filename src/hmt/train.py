@@ -25,7 +25,7 @@ from hmt.io import load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
 from hmt.model import IGNORE_INDEX, HMTForCausalLM
 
-TRAIN_MODES: tuple[str, ...] = ("backbone", "rmt", "hmt")
+TRAIN_MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
 CHECKPOINT_FORMAT = "hmt-checkpoint"
 MEMORY_ONLY_IN_HMT = ("summary_prompt", "query_proj", "key_proj")  # unused in rmt mode: not trained there
 
@@ -35,7 +35,10 @@ class TrainConfig:
     """How to train; the model's own settings (L, k, N, ...) are its HMTConfig."""
 
     mode: str = field(
-        default="hmt", metadata={"help": "Mode trained: rmt (stage 1), hmt (stage 2), backbone."}
+        default="hmt",
+        metadata={
+            "help": "Mode trained: rmt (stage 1), hmt (stage 2), or a control: backbone, sliding, memory_off."
+        },
     )
     unroll: str = field(
         default="4",
@@ -354,9 +357,14 @@ def _loss_labels(labels: torch.Tensor, config: TrainConfig, segment_length: int)
 
 
 def set_trainable_memory(model: HMTForCausalLM, mode: str) -> None:
-    """HMT parameters train only in the modes that use them (rmt never uses the recall parameters)."""
+    """HMT parameters train only in the modes that use them (rmt never uses the recall parameters,
+    memory_off only m0, the controls backbone and sliding none)."""
     for name, param in model.memory.named_parameters():
-        used = mode == "hmt" or (mode == "rmt" and not name.startswith(MEMORY_ONLY_IN_HMT))
+        used = (
+            mode == "hmt"
+            or (mode == "rmt" and not name.startswith(MEMORY_ONLY_IN_HMT))
+            or (mode == "memory_off" and name == "initial_memory")
+        )
         param.requires_grad_(used)
 
 

@@ -1,5 +1,7 @@
 """The bodies of the `hmt` commands: console output and files around the library calls."""
 
+import warnings
+
 
 def quiet_transformers() -> None:
     """Commands show their own progress: silence transformers' per-load bars and info logs."""
@@ -7,3 +9,5 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # peft still asks for the renamed `is_gradient_checkpointing`; the notice is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

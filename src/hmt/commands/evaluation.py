@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class EvalRequest:
     dtype: str = "auto"
     device: str | None = None
     full_window: int | None = None
+    reset_every: int | None = None
     interleave: str | None = None
     dilate: str | None = None
     filler: str = "$"
@@ -54,9 +55,12 @@ class EvalRequest:
 def run_eval_command(request: EvalRequest, console: Console | None = None) -> dict[str, Any]:
     """Run the evaluation the request describes; returns the report that was written."""
     console = console or Console()
-    eval_config = EvalConfig(modes=request.modes, full_window=request.full_window)  # fail before loading
+    eval_config = EvalConfig(  # fails before anything is loaded
+        modes=request.modes, full_window=request.full_window, reset_every=request.reset_every
+    )
     if request.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {request.max_tokens}")
+    request = replace(request, adapter=resolve_adapter(request.adapter, request.backbone))
     out_dir = request.out or Path("runs") / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = out_dir / "results.json"
     if results_path.exists() and not request.overwrite:
@@ -94,6 +98,7 @@ def run_eval_command(request: EvalRequest, console: Console | None = None) -> di
         settings={
             "max_tokens": request.max_tokens,
             "full_window": results["full"].window if "full" in results else None,
+            "reset_every": request.reset_every,
             "seed": request.seed,
         },
     )
@@ -151,6 +156,16 @@ def build_stream(request: EvalRequest, tokenizer) -> tuple[torch.Tensor, torch.T
     return stream, score_mask, info
 
 
+def resolve_adapter(adapter: Path | None, backbone: str | None) -> Path | None:
+    """`--adapter none` means untrained memory; no `--adapter` with the default backbone means the
+    adapter shipped for it (if this installation has one)."""
+    from hmt.adapters import default_adapter
+
+    if adapter is not None:
+        return None if str(adapter).lower() == "none" else adapter
+    return default_adapter() if backbone is None else None
+
+
 def build_model(request: EvalRequest, backbone: Backbone) -> tuple[HMTForCausalLM, str]:
     """The adapter on the backbone, or fresh (untrained, seeded) memory parameters; and a note saying which."""
     overrides = {
@@ -167,7 +182,14 @@ def build_model(request: EvalRequest, backbone: Backbone) -> tuple[HMTForCausalL
         model = HMTForCausalLM.from_pretrained(request.adapter, backbone.model)
         if overrides:
             model.reconfigure(**overrides)
-        return model, f"trained adapter {request.adapter}"
+        from hmt.adapters import default_adapter
+        from hmt.finetune import has_lora
+
+        shipped = request.adapter == default_adapter()
+        note = f"{'the shipped' if shipped else 'trained'} adapter {request.adapter.name if shipped else request.adapter}"
+        if has_lora(request.adapter):
+            note += " (its LoRA weights apply to every row, backbone and full included)"
+        return model, note
     torch.manual_seed(request.seed)
     model = HMTForCausalLM(backbone.model, HMTConfig(**overrides))
     return model, f"none: the rmt and hmt rows use untrained memory parameters (seed {request.seed})"

@@ -73,7 +73,7 @@ def run_train_command(request: TrainRequest, console: Console | None = None) -> 
     """Check the run folder, build model and data, train, save the final adapter; returns the summary."""
     from accelerate import Accelerator
 
-    from hmt.train import RandomWindows, StreamLanes, train
+    from hmt.train import RandomWindows, StreamLanes, set_trainable_memory, train
 
     console = console or Console()
     config = request.train_config()  # validates before anything heavy happens
@@ -98,6 +98,7 @@ def run_train_command(request: TrainRequest, console: Console | None = None) -> 
     )  # a corpus smaller than one sample fails now
     if config.streaming:
         source.load_state_dict({"position": 0})
+    set_trainable_memory(model, config.mode)  # train() does it too; here so that the count is right
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(
         f"training [bold]{config.mode}[/] · backbone {backbone.name} ({backbone.dtype}, {request.finetune}) · "

@@ -1,0 +1,91 @@
+"""`hmt compare` end to end on a tiny local backbone: every arm trained alike, scored alike, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, word_text
+from hmt.commands.comparison import ARMS, CompareRequest, summarise
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(10):  # 8 train, 1 validation, 1 test document
+        (folder / f"doc{i:02d}.txt").write_text(word_text(i, 300))
+    return folder
+
+
+def compare_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:
+    return [
+        "compare", "--out", str(out), "--backbone", str(tiny_model_dir), "--train-data", str(corpus),
+        "--eval-data", str(corpus), "--eval-tokens", "120", "--dtype", "fp32", "--device", "cpu",
+        "--segment-length", "16", "--num-sensory", "4", "--cache-size", "8", "--stage1-steps", "2",
+        "--stage2-steps", "2", "--stage2-unroll", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out))
+    assert code == 0, err
+    report = json.loads((out / "comparison.json").read_text())
+    runs = report["runs"]["0"]
+    assert set(runs) == set(ARMS)
+    expected_tokens = 2 * 16 * (2 * 2 + 2 * 3)
+    assert report["settings"]["tokens_per_arm"] == expected_tokens
+    assert {arm: r["training"]["tokens"] for arm, r in runs.items()} == dict.fromkeys(ARMS, expected_tokens)
+    data = str(corpus)
+    for arm, r in runs.items():
+        variants = set(r["eval"][data]) - {"carried_recall", "reset_recall"}
+        assert variants == ({"carried", "reset"} if arm in ("rmt", "hmt") else {"carried"}), arm
+        trained = json.loads((out / "seed-0" / arm / "summary.json").read_text())["train_config"]
+        assert trained["mode"] == ARMS[arm][1] and trained["streaming"] and trained["max_steps"] == 2
+    # Each evaluation scored the same tokens with the arm's own mode.
+    scored = set()
+    for folder in (out / "seed-0" / "eval").iterdir():
+        result = json.loads((folder / "results.json").read_text())
+        (mode,) = result["modes"]
+        assert mode == ARMS[folder.name.split("-")[0]][2]
+        scored.add(result["modes"][mode]["tokens_scored"])
+    assert len(scored) == 1
+    assert report["summary"]["sliding/carried"][data]["gap_closed"] == pytest.approx(0.0)
+    assert "untouched backbone, full context" in (out / "comparison.md").read_text()
+
+    # Run again: everything is kept, nothing retrained; other settings in the same folder are refused.
+    code, stdout, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out))
+    assert code == 0, err
+    assert stdout.count("finished, kept") == 2 * len(ARMS)
+    assert json.loads((out / "comparison.json").read_text())["summary"] == report["summary"]
+    code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--lr", "0.01"))
+    assert code == 1 and "other settings (lr)" in err
+
+
+def test_summary_averages_seeds_and_measures_the_gap_closed():
+    def run(sliding: float, hmt: float) -> dict:
+        return {
+            "sliding": {"eval": {"t": {"carried": sliding}}},
+            "hmt": {"eval": {"t": {"carried": hmt, "reset": hmt + 1}}},
+        }
+
+    summary = summarise({"0": run(30.0, 26.0), "1": run(32.0, 28.0)}, {"t": 21.0}, ("t",))
+    assert summary["hmt/carried"]["t"] == pytest.approx(
+        {"ppl": 27.0, "spread": 2.0, "seeds": 2, "gap_closed": 0.4}
+    )
+    assert summary["hmt/reset"]["t"]["ppl"] == pytest.approx(28.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arms": ("hmt", "lstm")}, "unknown arm"),
+        ({"seeds": ()}, "at least one seed"),
+        ({"stage2_steps": 0}, "stage2-steps"),
+    ],
+)
+def test_bad_requests(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompareRequest(out=tmp_path, **kwargs)
