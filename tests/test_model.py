@@ -57,9 +57,10 @@ def test_backbone_mode_reads_independent_windows():
 # ---- streaming: chunks with a carried state == one call ------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["rmt", "hmt", "backbone", "sliding", "memory_off"])
+@pytest.mark.parametrize("mode", ["rmt", "hmt", "backbone", "sliding", "memory_off", "hmt+sink"])
 def test_chunked_calls_equal_one_call(arch, mode):
-    model = tiny_hmt(arch, mode=mode)
+    mode, _, sink = mode.partition("+")
+    model = tiny_hmt(arch, mode=mode, attention_sink=bool(sink))
     ids = random_ids(2, 45)
     with torch.no_grad():
         whole = model(ids, return_logits=True)
@@ -265,6 +266,36 @@ def test_memory_off_mode_always_reads_m0_and_keeps_no_cache():
         torch.testing.assert_close(call[0, -1], m0, atol=0, rtol=0)
     assert out.state.memories.shape[1] == 0 and out.recall_weights is None
     assert calls[1].shape[1] == 1 + 2 + 8 + 1  # sensory tokens are read as in hmt
+
+
+def test_attention_sink_keeps_the_first_position_fixed(tmp_path):
+    model = tiny_hmt("llama", num_sensory=2, attention_sink=True)
+    embed = model.backbone.get_input_embeddings()
+    bos = model.backbone.config.bos_token_id
+    torch.testing.assert_close(model.memory.sink, embed.weight[bos].float(), atol=0, rtol=0)
+    calls = capture_main_inputs(model)
+    ids = random_ids(1, 24)
+    with torch.no_grad():
+        out = model(ids)
+        plain = tiny_hmt("llama", num_sensory=2)  # the same parameters otherwise (same seed)
+        plain_calls = capture_main_inputs(plain)
+        plain(ids)
+    for call, plain_call in zip(calls, plain_calls, strict=True):
+        torch.testing.assert_close(call[0, 0], model.memory.sink, atol=0, rtol=0)
+        # then the usual layout: the read slot, sensory and segment tokens, the write slot
+        torch.testing.assert_close(call[0, 2:-1], plain_call[0, 1:-1], atol=0, rtol=0)
+        assert call.shape[1] == plain_call.shape[1] + 1
+    torch.testing.assert_close(calls[0][0, 1:], plain_calls[0][0], atol=0, rtol=0)  # both read m0 first
+    model.save_pretrained(tmp_path / "ad")
+    loaded = HMTForCausalLM.from_pretrained(tmp_path / "ad", model.backbone)
+    assert loaded.config.attention_sink
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).token_losses, out.token_losses, atol=ATOL, rtol=0)
+    model.train()
+    model(ids).loss.backward()
+    assert model.memory.sink.grad is not None and model.memory.sink.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="tied to the parameters"):
+        model.reconfigure(attention_sink=False)
 
 
 def test_memory_changes_predictions_in_memory_modes_only():

@@ -237,6 +237,9 @@ def train_command(
     memory_norm: Annotated[
         str | None, typer.Option(help=_config_help("memory_norm") + " [default: learned]")
     ] = None,
+    attention_sink: Annotated[
+        bool | None, typer.Option(help=_config_help("attention_sink") + " [default: off]")
+    ] = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_train_help("batch_size"))] = None,
@@ -265,7 +268,9 @@ def train_command(
     from hmt.commands.training import TrainRequest, run_train_command
 
     given = dict(locals())
-    model_fields = ("segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm")
+    model_fields = (
+        "segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm", "attention_sink",
+    )  # fmt: skip
     train_fields = (
         "mode", "unroll", "batch_size", "grad_accum", "streaming", "loss_on", "bptt_depth", "max_steps", "lr",
         "memory_lr", "weight_decay", "warmup_steps", "decay_every", "decay_factor", "max_grad_norm",
@@ -352,6 +357,7 @@ def compare_command(
     segment_length: Annotated[int, typer.Option(help="New tokens per segment (L).")] = 256,
     num_sensory: Annotated[int, typer.Option(help="Sensory tokens (k); the sliding window is L + k.")] = 32,
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
+    attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = False,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
         int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")
@@ -388,6 +394,7 @@ def compare_command(
             segment_length=segment_length,
             num_sensory=num_sensory,
             cache_size=cache_size,
+            attention_sink=attention_sink,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,
             stage1_unroll=stage1_unroll,

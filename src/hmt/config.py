@@ -75,6 +75,14 @@ class HMTConfig:
             "synthetic task); independent: two random matrices, as in the paper."
         },
     )
+    attention_sink: bool = field(
+        default=False,
+        metadata={
+            "help": "Put a fixed learned embedding (initialised as the backbone's BOS token) before the read "
+            "memory, so the first position, which language models use as an attention sink, stays the same "
+            "whatever memory is read; false: the paper's layout, with the memory first."
+        },
+    )
     query_batch_size: int = field(
         default=32,
         metadata={
@@ -124,6 +132,8 @@ class HMTConfig:
             raise ValueError(f"recall_init must be similarity or independent, got {self.recall_init!r}")
         if not isinstance(self.recall_norm, bool):
             raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
+        if not isinstance(self.attention_sink, bool):
+            raise ValueError(f"attention_sink must be true or false, got {self.attention_sink!r}")
 
     @property
     def query_length(self) -> int:

@@ -89,6 +89,7 @@ class HMTForCausalLM(nn.Module):
             self.config.memory_norm,
             self.config.recall_norm,
             self.config.recall_init,
+            _sink_init(backbone, embeddings) if self.config.attention_sink else None,
         ).to(device=device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
@@ -132,7 +133,10 @@ class HMTForCausalLM(nn.Module):
 
         Used to evaluate one set of memory parameters in several modes; checks the new settings fit.
         """
-        fixed = {"recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init"}
+        fixed = {
+            "recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init",
+            "attention_sink",
+        }  # fmt: skip
         fixed &= set(changes)
         if fixed:
             raise ValueError(
@@ -248,11 +252,16 @@ class HMTForCausalLM(nn.Module):
             if use_sensory:
                 tokens = torch.cat([state.sensory_ids[row][state.sensory_mask[row]], tokens])
             pieces = embed(tokens)
+            prefix = 0
             if use_memory:
                 slot = read[row].to(dtype)[None, :]
                 pieces = torch.cat([slot, pieces, slot])
+                prefix = 1
+                if self.config.attention_sink:
+                    pieces = torch.cat([self.memory.sink.to(dtype)[None, :], pieces])
+                    prefix = 2
             sequences.append(pieces)
-            text_starts.append(int(use_memory) + len(tokens) - int(seg_lengths[row]))
+            text_starts.append(prefix + len(tokens) - int(seg_lengths[row]))
         inputs = pad_sequence(sequences, batch_first=True)  # (rows, width, d)
         lengths = torch.tensor([len(s) for s in sequences], device=inputs.device)
         positions = torch.arange(inputs.shape[1], device=inputs.device)
@@ -612,6 +621,14 @@ def _embedding_std(embeddings: nn.Embedding) -> float:
         return float(embeddings(sample).float().std())
 
 
+def _sink_init(backbone: PreTrainedModel, embeddings: nn.Embedding) -> torch.Tensor:
+    """The backbone's BOS embedding (what it saw first in pre-training), else its first token's."""
+    bos = getattr(backbone.config, "bos_token_id", None)
+    index = bos if isinstance(bos, int) and 0 <= bos < embeddings.num_embeddings else 0
+    with torch.no_grad():
+        return embeddings(torch.tensor([index], device=embeddings.weight.device))[0].float()
+
+
 def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:
     """Refuse segments that do not fit the backbone's position range."""
     limit = context_length(backbone.config)
@@ -620,9 +637,10 @@ def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:
     elif config.mode == "sliding":
         needed, what = config.segment_length + config.num_sensory, "segment_length + num_sensory"
     else:
+        slots = 3 if config.attention_sink else 2
         needed, what = (
-            config.segment_length + config.num_sensory + 2,
-            "segment_length + num_sensory + 2 memory slots",
+            config.segment_length + config.num_sensory + slots,
+            f"segment_length + num_sensory + {slots} memory and sink slots",
         )
     if limit is not None and needed > limit:
         raise ValueError(

@@ -24,6 +24,7 @@ class MemoryParameters(nn.Module):
         memory_norm: str = "learned",
         recall_norm: bool = True,
         recall_init: str = "similarity",
+        sink_init: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -33,6 +34,8 @@ class MemoryParameters(nn.Module):
         # T and m0 look like token embeddings: normal, scaled by the backbone's embedding spread.
         self.summary_prompt = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
         self.initial_memory = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
+        if sink_init is not None:  # the fixed first position (HMTConfig.attention_sink)
+            self.sink = nn.Parameter(sink_init.detach().float().clone())
         self.query_proj = nn.Linear(output_dim, recall_dim, bias=False)
         self.key_proj = nn.Linear(embedding_dim, recall_dim, bias=False)
         if recall_init == "similarity" and output_dim == embedding_dim:

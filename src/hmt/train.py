@@ -363,7 +363,7 @@ def set_trainable_memory(model: HMTForCausalLM, mode: str) -> None:
         used = (
             mode == "hmt"
             or (mode == "rmt" and not name.startswith(MEMORY_ONLY_IN_HMT))
-            or (mode == "memory_off" and name == "initial_memory")
+            or (mode == "memory_off" and name in ("initial_memory", "sink"))
         )
         param.requires_grad_(used)
 

@@ -54,6 +54,7 @@ class CompareRequest:
     segment_length: int = 256
     num_sensory: int = 32
     cache_size: int = 300
+    attention_sink: bool = False
     stage1_steps: int = 40
     stage2_steps: int = 60
     stage1_unroll: int = 2
@@ -184,6 +185,7 @@ def _train_once(
                 "segment_length": request.segment_length,
                 "num_sensory": request.num_sensory,
                 "cache_size": request.cache_size,
+                "attention_sink": request.attention_sink,
             },
             train={
                 "mode": mode,
