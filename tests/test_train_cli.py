@@ -106,3 +106,21 @@ def test_stage2_refuses_an_unfinished_or_foreign_stage1(
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "r2", "--stage", "2",
                                                             "--init-from", str(tmp_path / "gpt2")))  # fmt: skip
     assert code == 1 and "made for a gpt2 backbone" in err
+
+
+def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
+    monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
+):
+    one = tmp_path / "stage1"
+    args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--attention-sink")
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    same = train_args(tiny_model_dir, corpus, tmp_path / "two", "--stage", "2", "--init-from", str(one),
+                      "--max-steps", "2", "--attention-sink")  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, *same)
+    assert code == 0, err
+    final = json.loads((tmp_path / "two" / "final" / "hmt_config.json").read_text())
+    assert final["attention_sink"] is True
+    other = train_args(tiny_model_dir, corpus, tmp_path / "three", "--stage", "2", "--init-from", str(one),
+                       "--max-steps", "2", "--no-attention-sink")  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, *other)
+    assert code == 1 and "attention_sink" in err and "tied to the parameters" in err

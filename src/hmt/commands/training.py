@@ -223,8 +223,9 @@ def build_training_model(
     if init_adapter is not None:
         trainable_lora = request.finetune == "lora" and has_lora(init_adapter)
         model = HMTForCausalLM.from_pretrained(init_adapter, backbone, trainable_lora=trainable_lora)
-        if request.model:
-            model.reconfigure(**request.model)
+        changes = {k: v for k, v in request.model.items() if getattr(model.config, k) != v}
+        if changes:  # only what differs: settings tied to the parameters must match the adapter
+            model.reconfigure(**changes)
         backbone = prepare_backbone(
             model.backbone, request.finetune, request.lora_rank, request.lora_alpha, _targets(request)
         )
