@@ -60,6 +60,14 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert code == 0, err
     assert stdout.count("finished, kept") == 2 * len(ARMS)
     assert json.loads((out / "comparison.json").read_text())["summary"] == report["summary"]
+    # --no-train reports what is there: seed 1 was never trained, so it is left out, not trained.
+    args = compare_args(tiny_model_dir, corpus, out, "--no-train", "--arms", "windowed,hmt", "--seeds", "0,1")
+    code, stdout, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "seed 1, hmt: not trained, left out" in " ".join(stdout.split())
+    report = json.loads((out / "comparison.json").read_text())
+    assert set(report["runs"]) == {"0"} and set(report["runs"]["0"]) == {"windowed", "hmt"}
+    assert not (out / "seed-1").exists()
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--lr", "0.01"))
     assert code == 1 and "other settings (lr)" in err
 

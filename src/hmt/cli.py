@@ -378,6 +378,9 @@ def compare_command(
     backbone: BackboneOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    train: Annotated[
+        bool, typer.Option(help="--no-train: train nothing; report the arms and seeds already trained.")
+    ] = True,
 ) -> None:
     """Does memory help on real text? Windowed, sliding window, memory off, rmt and hmt, trained alike."""
     from hmt.commands.comparison import CompareRequest, run_compare_command
@@ -409,6 +412,7 @@ def compare_command(
             backbone=backbone,
             dtype=dtype,
             device=device,
+            train=train,
         )
     )
 

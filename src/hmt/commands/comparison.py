@@ -69,6 +69,7 @@ class CompareRequest:
     backbone: str | None = None
     dtype: str = "auto"
     device: str | None = None
+    train: bool = True  # False: train nothing, report the arms already trained (and score any not yet scored)
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -94,11 +95,19 @@ def run_compare_command(request: CompareRequest, console: Console | None = None)
     runs: dict[str, dict[str, Any]] = {}
     for seed in request.seeds:
         for arm in request.arms:
+            if (
+                not request.train
+                and not (request.out / f"seed-{seed}" / arm / FINAL_DIR / CONFIG_NAME).is_file()
+            ):
+                console.print(f"[dim]seed {seed}, {arm}: not trained, left out[/]")
+                continue
             adapter, training = _train_arm(request, arm, seed, console)
             runs.setdefault(str(seed), {})[arm] = {
                 "training": training,
                 "eval": _evaluate_arm(request, arm, seed, adapter, console),
             }
+    if not runs:
+        raise ValueError(f"no trained arm in {request.out}: run without --no-train first")
     reference = {data: _evaluate_reference(request, data, console) for data in request.eval_data}
     report = {
         "settings": asdict(request) | {"out": str(request.out), "tokens_per_arm": request.tokens_per_arm},
@@ -122,7 +131,7 @@ def run_compare_command(request: CompareRequest, console: Console | None = None)
 def _check_same_settings(request: CompareRequest) -> None:
     """A comparison folder holds one experiment: refuse to mix settings (seeds and arms may be added)."""
     path = request.out / "settings.json"
-    now = {k: v for k, v in asdict(request).items() if k not in ("out", "arms", "seeds", "device")}
+    now = {k: v for k, v in asdict(request).items() if k not in ("out", "arms", "seeds", "device", "train")}
     now = json.loads(json.dumps(now))
     if path.is_file():
         before = json.loads(path.read_text())
