@@ -366,8 +366,12 @@ def test_token_stream_does_not_warn_about_model_length(tokenizer, documents):
             self.messages.append(record.getMessage())
 
     # transformers logs to its own "transformers" logger, which does not propagate to the root.
+    from transformers.utils import logging as hf_logging
+
     collect = Collect()
     logging.getLogger("transformers").addHandler(collect)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # commands run by earlier tests may have quieted transformers
     try:
         fresh = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, model_max_length=32)
         token_stream(documents, fresh)
@@ -376,6 +380,7 @@ def test_token_stream_does_not_warn_about_model_length(tokenizer, documents):
         fresh("long " * 100)  # the warning token_stream avoids does reach this handler
         assert "maximum sequence length" in collect.messages[0]
     finally:
+        hf_logging.set_verbosity(verbosity)
         logging.getLogger("transformers").removeHandler(collect)
 
 
