@@ -31,11 +31,12 @@ lint: install
 	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/ruff format --check src tests examples
 
-# The main job: HMT against the windowed, recurrent and full-context backbone on held-out essays
-# (the test split, ~14.7K tokens), default backbone SmolLM2-135M. A few minutes on 2 CPU cores.
+# The main job: the shipped HMT adapter on held-out essays (the test split, ~14.7K tokens), default
+# backbone SmolLM2-135M, against its own windowed and sliding-window rows and the full-context
+# backbone. A few minutes on 2 CPU cores.
 DEMO_OUT ?= runs/demo
 demo: install
-	$(VENV)/bin/hmt eval --data essays --split test --max-tokens 16384 --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/hmt eval --data essays --split test --max-tokens 16384 --modes backbone,sliding,hmt,full --out $(DEMO_OUT) --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
