@@ -90,6 +90,16 @@ def word_text(seed: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    """A folder of 10 word documents: 8 train, 1 validation, 1 test by the fixed split rule."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i:02d}.txt").write_text(word_text(i, 400))
+    return folder
+
+
 def tiny_tokenizer():
     """A byte-level BPE trained in memory in milliseconds (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

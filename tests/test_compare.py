@@ -6,17 +6,8 @@ import json
 
 import pytest
 
-from conftest import run_cli, word_text
+from conftest import run_cli
 from hmt.commands.comparison import ARMS, CompareRequest, summarise
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(10):  # 8 train, 1 validation, 1 test document
-        (folder / f"doc{i:02d}.txt").write_text(word_text(i, 300))
-    return folder
 
 
 def compare_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:

@@ -6,16 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, word_text
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(10):  # 10 documents: 8 train, 1 validation, 1 test
-        (folder / f"doc{i:02d}.txt").write_text(word_text(i, 400))
-    return folder
+from conftest import run_cli
 
 
 def train_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:

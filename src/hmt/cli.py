@@ -26,6 +26,11 @@ def _config_help(name: str) -> str:
     return HMTConfig.help(name)
 
 
+def _split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty, stripped items."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 # Options shared by commands that load a backbone and read text, defined once.
 BackboneOpt = Annotated[
     str | None,
@@ -53,6 +58,11 @@ DtypeOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option(help="cpu, cuda, cuda:1, ...; default cuda if present, else cpu.")
 ]
+# Model settings of eval and train: None keeps the adapter's (or the default) value.
+SegmentLengthOpt = Annotated[int | None, typer.Option(help=_config_help("segment_length") + " Default: 512.")]
+NumSensoryOpt = Annotated[int | None, typer.Option(help=_config_help("num_sensory") + " Default: 32.")]
+CacheSizeOpt = Annotated[int | None, typer.Option(help=_config_help("cache_size") + " Default: 300.")]
+SummaryLengthOpt = Annotated[int | None, typer.Option(help=_config_help("summary_length"))]
 
 
 @app.command()
@@ -102,19 +112,12 @@ def inspect(
 @app.command("eval")
 def eval_command(
     modes: Annotated[
-        str,
-        typer.Option(help="Comma-separated modes: backbone, sliding, memory_off, rmt, hmt, full."),
-    ] = ("backbone,rmt,hmt,full"),
-    segment_length: Annotated[
-        int | None, typer.Option(help=_config_help("segment_length") + " [default: 512]")
-    ] = None,
-    num_sensory: Annotated[
-        int | None, typer.Option(help=_config_help("num_sensory") + " [default: 32]")
-    ] = None,
-    cache_size: Annotated[
-        int | None, typer.Option(help=_config_help("cache_size") + " [default: 300]")
-    ] = None,
-    summary_length: Annotated[int | None, typer.Option(help=_config_help("summary_length"))] = None,
+        str, typer.Option(help="Comma-separated modes: backbone, sliding, memory_off, rmt, hmt, full.")
+    ] = "backbone,rmt,hmt,full",
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    summary_length: SummaryLengthOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Read the first this many tokens of the text.")] = 16384,
     data: DataOpt = "essays",
     split: SplitOpt = None,
@@ -161,7 +164,7 @@ def eval_command(
 
     run_eval_command(
         EvalRequest(
-            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+            modes=_split_list(modes),
             segment_length=segment_length,
             num_sensory=num_sensory,
             cache_size=cache_size,
@@ -210,7 +213,7 @@ def train_command(
     device: DeviceOpt = None,
     data: Annotated[
         list[str] | None,
-        typer.Option(help="Training text (its train split); repeat for several. [default: essays, plays]"),
+        typer.Option(help="Training text (its train split); repeat for several. Default: essays, plays."),
     ] = None,
     max_train_tokens: Annotated[
         int | None, typer.Option(help="Use at most this many training tokens per source.")
@@ -224,21 +227,15 @@ def train_command(
         list[str] | None,
         typer.Option(help="Modules to adapt (repeat); default: peft's choice for the architecture."),
     ] = None,
-    segment_length: Annotated[
-        int | None, typer.Option(help=_config_help("segment_length") + " [default: 512]")
-    ] = None,
-    num_sensory: Annotated[
-        int | None, typer.Option(help=_config_help("num_sensory") + " [default: 32]")
-    ] = None,
-    cache_size: Annotated[
-        int | None, typer.Option(help=_config_help("cache_size") + " [default: 300]")
-    ] = None,
-    summary_length: Annotated[int | None, typer.Option(help=_config_help("summary_length"))] = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    summary_length: SummaryLengthOpt = None,
     memory_norm: Annotated[
-        str | None, typer.Option(help=_config_help("memory_norm") + " [default: learned]")
+        str | None, typer.Option(help=_config_help("memory_norm") + " Default: learned.")
     ] = None,
     attention_sink: Annotated[
-        bool | None, typer.Option(help=_config_help("attention_sink") + " [default: off]")
+        bool | None, typer.Option(help=_config_help("attention_sink") + " Default: off.")
     ] = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
@@ -335,14 +332,10 @@ def recall_task_command(
         num_values=values, num_keys=max(16, facts),
     )  # fmt: skip
     experiment = RecallExperiment(
-        task=task, arms=tuple(a.strip() for a in arms.split(",") if a.strip()), hidden_size=hidden_size,
+        task=task, arms=_split_list(arms), hidden_size=hidden_size,
         num_layers=layers, steps=steps, batch_size=batch_size, lr=lr, curriculum=curriculum, seed=seed,
     )  # fmt: skip
     run_recall_command(experiment, out)
-
-
-def _split_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @app.command("compare")

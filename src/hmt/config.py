@@ -12,6 +12,8 @@ Mode = Literal["backbone", "sliding", "memory_off", "rmt", "hmt"]
 MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
 # Modes that put memory slots around each segment (the controls "backbone" and "sliding" do not).
 MEMORY_MODES: tuple[str, ...] = ("memory_off", "rmt", "hmt")
+# Modes that write each segment's memory into the cache (memory_off only ever reads m0).
+WRITING_MODES: tuple[str, ...] = ("rmt", "hmt")
 MemoryNorm = Literal["learned", "match", "none"]
 MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hmt.backbone import context_length
+from hmt.config import WRITING_MODES
 from hmt.io import write_text_atomic
 from hmt.model import IGNORE_INDEX, HMTForCausalLM
 
@@ -134,7 +135,7 @@ def _score_stream(
     original,
     progress: Progress | None,
 ) -> ModeResult:
-    reset = config.reset_every if mode in ("rmt", "hmt") else None
+    reset = config.reset_every if mode in WRITING_MODES else None
     chunk = window if mode == "full" else window * (reset or config.segments_per_call)
     total = stream.shape[0]
     state, losses, masks, weights = None, [], [], []
@@ -158,7 +159,7 @@ def _score_stream(
     scored = int(token_mask.sum())
     nll = float(token_losses[token_mask].sum()) / max(scored, 1)
     memory_norm = embedding_norm = None
-    if mode in ("rmt", "hmt"):  # the modes that write memories
+    if mode in WRITING_MODES:
         embedding_norm = float(model.memory.embedding_norm)
         if state.memory_mask.any():
             memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())

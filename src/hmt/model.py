@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from hmt import __version__
 from hmt.backbone import context_length
-from hmt.config import MEMORY_MODES, HMTConfig
+from hmt.config import MEMORY_MODES, WRITING_MODES, HMTConfig
 from hmt.finetune import BACKBONE_DIR, has_lora, is_peft_model, load_lora, save_lora
 from hmt.io import ADAPTER_NAME, CONFIG_NAME, load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
@@ -214,7 +214,7 @@ class HMTForCausalLM(nn.Module):
                 recall_weights.append(weights)
             logits, written = self._main_pass(seg_ids, seg_lengths, state, read, use_sensory)
             collector.add_segment(start, seg_lengths, logits)
-            if cfg.mode in ("rmt", "hmt"):
+            if cfg.mode in WRITING_MODES:
                 state = state.with_memory(written, active, cfg.cache_size)
             state = state.with_tokens_read(seg_ids, seg_lengths)
         state = collector.carry_prediction(state)

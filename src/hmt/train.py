@@ -20,12 +20,12 @@ from typing import Any, Protocol
 
 import torch
 
+from hmt.config import MODES
 from hmt.evaluate import EvalConfig, recall_stats, run_eval
 from hmt.io import load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
 from hmt.model import IGNORE_INDEX, HMTForCausalLM
 
-TRAIN_MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
 CHECKPOINT_FORMAT = "hmt-checkpoint"
 MEMORY_ONLY_IN_HMT = ("summary_prompt", "query_proj", "key_proj")  # unused in rmt mode: not trained there
 
@@ -77,8 +77,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data order and initialisation."})
 
     def __post_init__(self) -> None:
-        if self.mode not in TRAIN_MODES:
-            raise ValueError(f"mode must be one of {', '.join(TRAIN_MODES)}, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.loss_on not in ("all", "last"):
             raise ValueError(f"loss_on must be all or last, got {self.loss_on!r}")
         parse_unroll(self.unroll)

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from hmt.commands.evaluation import EvalRequest, run_eval_command
 from hmt.commands.training import FINAL_DIR, RUN_FILE, TrainRequest, run_train_command
+from hmt.config import WRITING_MODES
 from hmt.io import CONFIG_NAME, write_text_atomic
 
 # arm -> (stage-1 mode, stage-2 mode, mode evaluated)
@@ -220,7 +221,7 @@ def _evaluate_arm(
 ) -> dict[str, dict[str, float]]:
     mode = ARMS[arm][2]
     variants: dict[str, int | None] = {"carried": None}
-    if mode in ("rmt", "hmt"):
+    if mode in WRITING_MODES:
         variants["reset"] = request.stage2_unroll
     out: dict[str, dict[str, float]] = {}
     for data in request.eval_data:
