@@ -88,3 +88,22 @@ def test_summary_averages_seeds_and_measures_the_gap_closed():
 def test_bad_requests(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CompareRequest(out=tmp_path, **kwargs)
+
+
+def test_frozen_backbone_scores_the_parameterless_arms_untrained(
+    monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
+):
+    out = tmp_path / "frozen"
+    frozen = ("--finetune", "frozen", "--arms", "sliding,memory_off", "--attention-sink")
+    args = compare_args(tiny_model_dir, corpus, out, *frozen)
+    code, stdout, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "sliding: frozen backbone and no HMT parameters, nothing to train" in " ".join(stdout.split())
+    runs = json.loads((out / "comparison.json").read_text())["runs"]["0"]
+    assert runs["sliding"]["training"]["tokens"] == 0
+    assert runs["memory_off"]["training"]["tokens"] > 0
+    assert not (out / "seed-0" / "sliding").exists()
+    # --no-train still reports the untrained arm.
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--no-train")
+    assert code == 0, err
+    assert set(json.loads((out / "comparison.json").read_text())["runs"]["0"]) == {"sliding", "memory_off"}

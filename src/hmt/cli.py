@@ -410,6 +410,51 @@ def compare_command(
     )
 
 
+@app.command("bench")
+def bench_command(
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("runs/bench"),
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated: backbone, sliding, memory_off, rmt, hmt, full.")
+    ] = "backbone,sliding,hmt,full",
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated stream lengths in tokens.")
+    ] = "1024,4096,16384",
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    full_window: Annotated[
+        int | None, typer.Option(help="Window of the `full` mode; default: the backbone's maximum positions.")
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="Measure each row this many times; the fastest run and highest peak count.")
+    ] = 1,
+    backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bench.json in --out.")] = False,
+) -> None:
+    """Speed and peak memory of reading streams of growing length, each mode in a fresh process."""
+    from hmt.benchmark import BenchConfig
+    from hmt.commands.benchmark import run_bench_command
+
+    try:
+        length_values = tuple(int(n) for n in _split_list(lengths))
+    except ValueError:
+        raise ValueError(f"--lengths takes comma-separated integers, got {lengths!r}") from None
+    memory = {"segment_length": segment_length, "num_sensory": num_sensory, "cache_size": cache_size}
+    config = BenchConfig(
+        modes=_split_list(modes),
+        lengths=length_values,
+        **{name: value for name, value in memory.items() if value is not None},
+        full_window=full_window,
+        repeats=repeats,
+        backbone=backbone,
+        dtype=dtype,
+        device=device,
+    )
+    run_bench_command(config, out, overwrite=overwrite)
+
+
 def main() -> None:
     """Entry point: known errors become one line on stderr (set HMT_DEBUG=1 for the traceback)."""
     try:

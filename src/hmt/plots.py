@@ -1,4 +1,4 @@
-"""PNG figures from an evaluation report (the JSON-ready dict that `hmt eval` writes)."""
+"""PNG figures from saved reports (the JSON-ready dicts that `hmt eval` and `hmt bench` write)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from typing import Any
 
 from hmt.io import atomic_path
 
-MODE_COLOURS = {"backbone": "tab:gray", "rmt": "tab:orange", "hmt": "tab:blue", "full": "tab:green"}
+MODE_COLOURS = {
+    "backbone": "tab:gray",
+    "sliding": "tab:brown",
+    "memory_off": "tab:purple",
+    "rmt": "tab:orange",
+    "hmt": "tab:blue",
+    "full": "tab:green",
+}
 
 
 def _pyplot():
@@ -57,6 +64,26 @@ def plot_recall_distances(report: dict[str, Any], path: str | Path) -> Path:
         f"hmt recall: mean max weight {recall['mean_max_weight']:.2f}, mean entropy {recall['mean_entropy']:.2f} nats"
     )
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, plt, path)
+
+
+def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
+    """Two panels over stream length: tokens per second, and memory above the loaded model, per mode."""
+    plt = _pyplot()
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in report["settings"]["modes"]:
+        rows = [r for r in report["rows"] if r["mode"] == mode]
+        tokens = [r["tokens"] for r in rows]
+        colour = MODE_COLOURS.get(mode)
+        speed.plot(tokens, [r["tokens_per_second"] for r in rows], marker="o", label=mode, color=colour)
+        memory.plot(tokens, [r["growth_mb"] for r in rows], marker="o", label=mode, color=colour)
+    for ax, label in ((speed, "tokens per second"), (memory, "peak memory above the loaded model (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("stream length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"hmt bench · {report['machine']['cuda'] or report['machine']['platform']}")
     return _save(fig, plt, path)
 
 

@@ -43,6 +43,8 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "hmt": ("rmt", "hmt", "hmt"),
 }
 RESULTS_NAME = "comparison.json"
+# With a frozen backbone these arms have no parameter at all: they are scored untrained.
+UNTRAINABLE_WHEN_FROZEN = ("windowed", "sliding")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def run_compare_command(request: CompareRequest, console: Console | None = None)
         for arm in request.arms:
             if (
                 not request.train
+                and not (request.finetune == "frozen" and arm in UNTRAINABLE_WHEN_FROZEN)
                 and not (request.out / f"seed-{seed}" / arm / FINAL_DIR / CONFIG_NAME).is_file()
             ):
                 console.print(f"[dim]seed {seed}, {arm}: not trained, left out[/]")
@@ -146,8 +149,13 @@ def _check_same_settings(request: CompareRequest) -> None:
         write_text_atomic(path, json.dumps(now, indent=2) + "\n")
 
 
-def _train_arm(request: CompareRequest, arm: str, seed: int, console: Console) -> tuple[Path, dict[str, Any]]:
+def _train_arm(
+    request: CompareRequest, arm: str, seed: int, console: Console
+) -> tuple[Path | None, dict[str, Any]]:
     stage1_mode, stage2_mode, _ = ARMS[arm]
+    if request.finetune == "frozen" and arm in UNTRAINABLE_WHEN_FROZEN:
+        console.print(f"[dim]seed {seed}, {arm}: frozen backbone and no HMT parameters, nothing to train[/]")
+        return None, {"tokens": 0, "seconds": 0.0, "final_loss": None}
     seed_dir = request.out / f"seed-{seed}"
     stage1 = seed_dir / f"stage1-{stage1_mode}"  # rmt and hmt share their stage 1
     stage2 = seed_dir / arm
@@ -217,7 +225,7 @@ def _train_once(
 
 
 def _evaluate_arm(
-    request: CompareRequest, arm: str, seed: int, adapter: Path, console: Console
+    request: CompareRequest, arm: str, seed: int, adapter: Path | None, console: Console
 ) -> dict[str, dict[str, float]]:
     mode = ARMS[arm][2]
     variants: dict[str, int | None] = {"carried": None}

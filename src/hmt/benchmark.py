@@ -1,0 +1,173 @@
+"""Speed and peak memory of reading a long stream: HMT against the windowed, sliding and full-context backbone.
+
+Every (length, mode) pair is measured in a fresh process, so memory one measurement left in the process
+cannot hide the next one's peak; the modes of one length run back to back, so their speed ratios come from
+the same minutes of a shared machine. Speed does not depend on the text, so the stream is random token ids
+and the memory parameters are untrained (a trained adapter merges its LoRA and costs the same).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from hmt.evaluate import EVAL_MODES
+
+Progress = Callable[[str, int, int], None]  # (mode, tokens) about to be measured, measurements done
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. The memory settings are the HMT ones; `full` reads windows of full_window tokens."""
+
+    modes: tuple[str, ...] = ("backbone", "sliding", "hmt", "full")
+    lengths: tuple[int, ...] = (1024, 4096, 16384)
+    segment_length: int = 512
+    num_sensory: int = 32
+    cache_size: int = 300
+    full_window: int | None = None  # None: the backbone's maximum positions
+    repeats: int = 1  # each pair is measured this many times; the fastest run and the highest peak count
+    backbone: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in EVAL_MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown) or '(none)'}: use {', '.join(EVAL_MODES)}")
+        if not self.lengths or min(self.lengths) < 2:
+            raise ValueError(f"lengths must be at least 2 tokens each, got {list(self.lengths)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+
+
+@dataclass
+class Measurement:
+    mode: str
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    model_mb: float  # memory held once the model is loaded (process RSS on CPU, allocated on CUDA)
+    peak_mb: float  # the highest memory while reading the stream
+    memory: str  # what was measured: "rss" or "cuda"
+
+    @property
+    def growth_mb(self) -> float:
+        """Memory the reading itself needed on top of the loaded model."""
+        return max(self.peak_mb - self.model_mb, 0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"growth_mb": self.growth_mb}
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Measurement]:
+    """Measure every (length, mode) pair `repeats` times, each in a fresh process; one row per pair."""
+    runs: dict[tuple[int, str], list[Measurement]] = {}
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no memory or threads inherited
+    done = 0
+    for _ in range(config.repeats):
+        for tokens in config.lengths:
+            for mode in config.modes:
+                if progress is not None:
+                    progress(mode, tokens, done)
+                with ProcessPoolExecutor(1, mp_context=context) as pool:
+                    runs.setdefault((tokens, mode), []).append(
+                        pool.submit(measure, config, mode, tokens).result()
+                    )
+                done += 1
+    return [_best(found) for found in runs.values()]
+
+
+def _best(runs: list[Measurement]) -> Measurement:
+    fastest = min(runs, key=lambda m: m.seconds)
+    return Measurement(
+        mode=fastest.mode,
+        tokens=fastest.tokens,
+        seconds=fastest.seconds,
+        tokens_per_second=fastest.tokens_per_second,
+        model_mb=statistics.fmean(m.model_mb for m in runs),
+        peak_mb=max(m.peak_mb for m in runs),
+        memory=fastest.memory,
+    )
+
+
+def measure(config: BenchConfig, mode: str, tokens: int) -> Measurement:
+    """Load the backbone, warm up on two segments, then time reading `tokens` random ids and watch memory."""
+    from hmt.backbone import load_backbone
+    from hmt.commands import quiet_transformers
+    from hmt.config import HMTConfig
+    from hmt.evaluate import EvalConfig, run_eval
+    from hmt.model import HMTForCausalLM
+
+    quiet_transformers()
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(config.backbone, dtype=config.dtype, device=config.device)
+    hmt_config = HMTConfig(
+        segment_length=config.segment_length, num_sensory=config.num_sensory, cache_size=config.cache_size
+    )
+    model = HMTForCausalLM(backbone.model, hmt_config)
+    generator = torch.Generator().manual_seed(config.seed)
+    stream = torch.randint(0, model.vocab_size, (tokens,), generator=generator).to(model.device)
+    eval_config = EvalConfig(modes=(mode,), full_window=config.full_window)
+    run_eval(model, stream[: 2 * config.segment_length], eval_config)
+    watcher = PeakMemory(model.device)
+    with watcher:
+        started = time.perf_counter()
+        run_eval(model, stream, eval_config)
+        seconds = time.perf_counter() - started
+    return Measurement(
+        mode=mode,
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_second=tokens / seconds,
+        model_mb=watcher.start_mb,
+        peak_mb=watcher.peak_mb,
+        memory=watcher.kind,
+    )
+
+
+class PeakMemory:
+    """The highest memory inside a `with` block: CUDA allocator statistics, or on CPU the process's
+    resident set sampled every millisecond (torch frees its buffers before Python could ask)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda" if self.cuda else "rss"
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self.start_mb = self.peak_mb = process.memory_info().rss / 2**20
+            self._thread = threading.Thread(target=self._sample, args=(process,), daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self, process) -> None:
+        while not self._stop.wait(0.001):
+            self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()

@@ -1,0 +1,104 @@
+"""`hmt bench`: speed and peak memory per mode and stream length; a table, bench.json and bench.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hmt.benchmark import BenchConfig, Measurement, run_bench
+from hmt.io import write_text_atomic
+from hmt.plots import plot_bench
+
+RESULTS_NAME = "bench.json"
+PLOT_NAME = "bench.png"
+
+
+def run_bench_command(
+    config: BenchConfig, out: Path, overwrite: bool = False, console: Console | None = None
+):
+    """Measure, print the table, write bench.json and bench.png into `out`; returns the report."""
+    console = console or Console()
+    results_path = out / RESULTS_NAME
+    if results_path.exists() and not overwrite:
+        raise FileExistsError(f"{results_path} exists: choose another --out or pass --overwrite")
+    total = len(config.lengths) * len(config.modes) * config.repeats
+    bar = Progress(
+        TextColumn("{task.description:>22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with bar:
+        task = bar.add_task("starting", total=total)
+
+        def progress(mode: str, tokens: int, done: int) -> None:
+            bar.update(task, completed=done, description=f"{mode} · {tokens:,} tokens")
+
+        measurements = run_bench(config, progress)
+        bar.update(task, completed=total, description="done")
+    report = make_bench_report(config, measurements)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results_path, json.dumps(report, indent=2) + "\n")
+    written = [results_path, plot_bench(report, out / PLOT_NAME)]
+    console.print(bench_table(report))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return report
+
+
+def make_bench_report(config: BenchConfig, measurements: list[Measurement]) -> dict[str, Any]:
+    """The JSON-ready report: settings, machine, and one row per (tokens, mode) with its speed relative to
+    the windowed backbone on the same length (when it was measured)."""
+    backbone_speed = {m.tokens: m.tokens_per_second for m in measurements if m.mode == "backbone"}
+    rows = []
+    for m in sorted(measurements, key=lambda m: (m.tokens, config.modes.index(m.mode))):
+        row = m.to_dict()
+        if m.tokens in backbone_speed:
+            row["speed_vs_backbone"] = m.tokens_per_second / backbone_speed[m.tokens]
+        rows.append(row)
+    return {
+        "settings": asdict(config),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    settings = report["settings"]
+    memory = (
+        "GPU memory allocated" if report["rows"] and report["rows"][0]["memory"] == "cuda" else "process RSS"
+    )
+    table = Table(
+        title="Reading a stream: speed and peak memory",
+        caption=f"L={settings['segment_length']}, k={settings['num_sensory']}, N={settings['cache_size']} · "
+        f"memory: {memory} · fastest of {settings['repeats']} run(s) per row",
+    )
+    for name in ("tokens", "mode", "tokens/s", "vs backbone", "peak MB", "above model MB"):
+        table.add_column(name, justify="left" if name == "mode" else "right")
+    for row in report["rows"]:
+        ratio = row.get("speed_vs_backbone")
+        table.add_row(
+            f"{row['tokens']:,}",
+            row["mode"],
+            f"{row['tokens_per_second']:,.0f}",
+            "-" if ratio is None else f"{ratio:.2f}×",
+            f"{row['peak_mb']:,.0f}",
+            f"{row['growth_mb']:,.0f}",
+        )
+    return table
