@@ -63,10 +63,12 @@ def tiny_backbone(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch
 
 
 def tiny_hmt(arch: str = "llama", seed: int = 0, **config):
-    """An HMTForCausalLM on a tiny backbone; small segments so a few dozen tokens span several."""
+    """An HMTForCausalLM on a tiny backbone; small segments so a few dozen tokens span several.
+
+    The paper's layout (no attention sink) unless asked: many tests pin that layout's slot positions."""
     from hmt import HMTConfig, HMTForCausalLM
 
-    settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, **config}
+    settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, **config}
     return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings))
 
 

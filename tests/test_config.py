@@ -16,6 +16,12 @@ def test_defaults_follow_the_method():
     assert HMTConfig(segment_length=100, num_sensory=8, summary_length=10).query_length == 10
 
 
+def test_the_attention_sink_is_on_by_default_but_not_for_files_written_before_it_existed():
+    assert HMTConfig().attention_sink
+    older = {k: v for k, v in HMTConfig().to_dict().items() if k != "attention_sink"}
+    assert not HMTConfig.from_dict(older).attention_sink
+
+
 def test_json_round_trip(tmp_path):
     config = HMTConfig(
         segment_length=256, num_sensory=16, summary_length=64, cache_size=40, recall_dim=32, mode="rmt"

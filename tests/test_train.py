@@ -95,6 +95,13 @@ def test_rmt_trains_only_the_parameters_it_uses():
     for control in ("backbone", "sliding"):
         set_trainable_memory(model, control)
         assert not any(p.requires_grad for p in model.memory.parameters())
+    with_sink = tiny_hmt("llama", attention_sink=True)
+    for mode, expected in (
+        ("rmt", {"initial_memory", "sink", "memory_scale"}),
+        ("memory_off", {"initial_memory", "sink"}),
+    ):
+        set_trainable_memory(with_sink, mode)
+        assert {n for n, p in with_sink.memory.named_parameters() if p.requires_grad} == expected
 
 
 # ---- data ----------------------------------------------------------------------------------------

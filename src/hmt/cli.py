@@ -235,7 +235,7 @@ def train_command(
         str | None, typer.Option(help=_config_help("memory_norm") + " Default: learned.")
     ] = None,
     attention_sink: Annotated[
-        bool | None, typer.Option(help=_config_help("attention_sink") + " Default: off.")
+        bool | None, typer.Option(help=_config_help("attention_sink") + " Default: on.")
     ] = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
@@ -350,7 +350,7 @@ def compare_command(
     segment_length: Annotated[int, typer.Option(help="New tokens per segment (L).")] = 256,
     num_sensory: Annotated[int, typer.Option(help="Sensory tokens (k); the sliding window is L + k.")] = 32,
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
-    attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = False,
+    attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
         int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")

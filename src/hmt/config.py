@@ -78,11 +78,12 @@ class HMTConfig:
         },
     )
     attention_sink: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Put a fixed learned embedding (initialised as the backbone's BOS token) before the read "
             "memory, so the first position, which language models use as an attention sink, stays the same "
-            "whatever memory is read; false: the paper's layout, with the memory first."
+            "whatever memory is read (memory in that position hurt in our comparison); false: the paper's "
+            "layout, with the memory first."
         },
     )
     query_batch_size: int = field(
@@ -162,7 +163,10 @@ class HMTConfig:
                 UserWarning,
                 stacklevel=2,
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        # Files written before the option existed used the paper's layout, whatever the default is now.
+        data.setdefault("attention_sink", False)
+        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -98,6 +98,7 @@ def build_model(experiment: RecallExperiment, arm: str):
         summary_length=task.query_length,
         cache_size=experiment.cache_size,
         mode=arm,
+        attention_sink=False,  # trained from scratch: no first-position habit to protect
     )
     return HMTForCausalLM(backbone, hmt_config)
 

@@ -57,7 +57,7 @@ class CompareRequest:
     segment_length: int = 256
     num_sensory: int = 32
     cache_size: int = 300
-    attention_sink: bool = False
+    attention_sink: bool = True
     stage1_steps: int = 40
     stage2_steps: int = 60
     stage1_unroll: int = 2
