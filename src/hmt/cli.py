@@ -31,6 +31,14 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _split_ints(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated option of whole numbers; a bad item names the option."""
+    try:
+        return tuple(int(part) for part in _split_list(text))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 # Options shared by commands that load a backbone and read text, defined once.
 BackboneOpt = Annotated[
     str | None,
@@ -378,15 +386,11 @@ def compare_command(
     """Does memory help on real text? Windowed, sliding window, memory off, rmt and hmt, trained alike."""
     from hmt.commands.comparison import CompareRequest, run_compare_command
 
-    try:
-        seed_values = tuple(int(s) for s in _split_list(seeds))
-    except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
     run_compare_command(
         CompareRequest(
             out=out,
             arms=_split_list(arms),
-            seeds=seed_values,
+            seeds=_split_ints(seeds, "--seeds"),
             segment_length=segment_length,
             num_sensory=num_sensory,
             cache_size=cache_size,
@@ -437,14 +441,10 @@ def bench_command(
     from hmt.benchmark import BenchConfig
     from hmt.commands.benchmark import run_bench_command
 
-    try:
-        length_values = tuple(int(n) for n in _split_list(lengths))
-    except ValueError:
-        raise ValueError(f"--lengths takes comma-separated integers, got {lengths!r}") from None
     memory = {"segment_length": segment_length, "num_sensory": num_sensory, "cache_size": cache_size}
     config = BenchConfig(
         modes=_split_list(modes),
-        lengths=length_values,
+        lengths=_split_ints(lengths, "--lengths"),
         **{name: value for name, value in memory.items() if value is not None},
         full_window=full_window,
         repeats=repeats,

@@ -1,6 +1,7 @@
 """The bodies of the `hmt` commands: console output and files around the library calls."""
 
 import warnings
+from pathlib import Path
 
 
 def quiet_transformers() -> None:
@@ -11,3 +12,9 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     # peft still asks for the renamed `is_gradient_checkpointing`; the notice is not the user's to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def refuse_existing(results: Path, overwrite: bool) -> None:
+    """Never replace a report the user already has unless they asked to."""
+    if results.exists() and not overwrite:
+        raise FileExistsError(f"{results} exists: choose another --out or pass --overwrite")

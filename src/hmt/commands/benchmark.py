@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hmt.benchmark import BenchConfig, Measurement, run_bench
+from hmt.commands import refuse_existing
 from hmt.io import write_text_atomic
 from hmt.plots import plot_bench
 
@@ -29,8 +30,7 @@ def run_bench_command(
     """Measure, print the table, write bench.json and bench.png into `out`; returns the report."""
     console = console or Console()
     results_path = out / RESULTS_NAME
-    if results_path.exists() and not overwrite:
-        raise FileExistsError(f"{results_path} exists: choose another --out or pass --overwrite")
+    refuse_existing(results_path, overwrite)
     total = len(config.lengths) * len(config.modes) * config.repeats
     bar = Progress(
         TextColumn("{task.description:>22}"),

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from hmt.commands.evaluation import EvalRequest, run_eval_command
 from hmt.commands.training import FINAL_DIR, RUN_FILE, TrainRequest, run_train_command
-from hmt.config import WRITING_MODES
+from hmt.config import MEMORY_MODES, WRITING_MODES
 from hmt.io import CONFIG_NAME, write_text_atomic
 
 # arm -> (stage-1 mode, stage-2 mode, mode evaluated)
@@ -43,8 +43,6 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "hmt": ("rmt", "hmt", "hmt"),
 }
 RESULTS_NAME = "comparison.json"
-# With a frozen backbone these arms have no parameter at all: they are scored untrained.
-UNTRAINABLE_WHEN_FROZEN = ("windowed", "sliding")
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def run_compare_command(request: CompareRequest, console: Console | None = None)
         for arm in request.arms:
             if (
                 not request.train
-                and not (request.finetune == "frozen" and arm in UNTRAINABLE_WHEN_FROZEN)
+                and not _nothing_to_train(request, arm)
                 and not (request.out / f"seed-{seed}" / arm / FINAL_DIR / CONFIG_NAME).is_file()
             ):
                 console.print(f"[dim]seed {seed}, {arm}: not trained, left out[/]")
@@ -149,11 +147,16 @@ def _check_same_settings(request: CompareRequest) -> None:
         write_text_atomic(path, json.dumps(now, indent=2) + "\n")
 
 
+def _nothing_to_train(request: CompareRequest, arm: str) -> bool:
+    """A control arm (no memory slots, so no HMT parameters) on a frozen backbone: it is scored untrained."""
+    return request.finetune == "frozen" and ARMS[arm][2] not in MEMORY_MODES
+
+
 def _train_arm(
     request: CompareRequest, arm: str, seed: int, console: Console
 ) -> tuple[Path | None, dict[str, Any]]:
     stage1_mode, stage2_mode, _ = ARMS[arm]
-    if request.finetune == "frozen" and arm in UNTRAINABLE_WHEN_FROZEN:
+    if _nothing_to_train(request, arm):
         console.print(f"[dim]seed {seed}, {arm}: frozen backbone and no HMT parameters, nothing to train[/]")
         return None, {"tokens": 0, "seconds": 0.0, "final_loss": None}
     seed_dir = request.out / f"seed-{seed}"

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hmt.backbone import Backbone, load_backbone
-from hmt.commands import quiet_transformers
+from hmt.commands import quiet_transformers, refuse_existing
 from hmt.config import HMTConfig
 from hmt.evaluate import EvalConfig, ModeResult, make_report, run_eval, write_report
 from hmt.model import HMTForCausalLM
@@ -63,8 +63,7 @@ def run_eval_command(request: EvalRequest, console: Console | None = None) -> di
     request = replace(request, adapter=resolve_adapter(request.adapter, request.backbone))
     out_dir = request.out or Path("runs") / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = out_dir / "results.json"
-    if results_path.exists() and not request.overwrite:
-        raise FileExistsError(f"{results_path} exists: choose another --out or pass --overwrite")
+    refuse_existing(results_path, request.overwrite)
 
     with console.status("loading the backbone (the first use of a .gguf file converts it, ~30 s)"):
         backbone = _quiet_load(request)
