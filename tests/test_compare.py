@@ -61,6 +61,15 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert not (out / "seed-1").exists()
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--lr", "0.01"))
     assert code == 1 and "other settings (lr)" in err
+    # A folder written before --memory-tokens existed used one memory token: it continues as it was.
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["memory_tokens"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--no-train"))
+    assert code == 0, err
+    args = compare_args(tiny_model_dir, corpus, out, "--memory-tokens", "4")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (memory_tokens)" in err
 
 
 def test_summary_averages_seeds_and_measures_the_gap_closed():

@@ -427,7 +427,7 @@ def test_outputs_wider_than_embeddings_are_projected_into_embedding_space():
     from hmt.recall import MemoryParameters
 
     params = MemoryParameters(embedding_dim=16, output_dim=48, recall_dim=8, embedding_std=0.02)
-    memory = params.to_memory(torch.randn(3, 48, dtype=torch.bfloat16))
+    memory = params.to_memory(torch.randn(3, 1, 48, dtype=torch.bfloat16))  # one write slot
     assert memory.shape == (3, 16) and memory.dtype == torch.float32
     recalled, weights = params.recall(
         torch.randn(3, 48), torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)

@@ -103,15 +103,20 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
     monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
 ):
     one = tmp_path / "stage1"
-    args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--attention-sink")
+    args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--attention-sink",
+                      "--memory-tokens", "2")  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     same = train_args(tiny_model_dir, corpus, tmp_path / "two", "--stage", "2", "--init-from", str(one),
-                      "--max-steps", "2", "--attention-sink")  # fmt: skip
+                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *same)
     assert code == 0, err
     final = json.loads((tmp_path / "two" / "final" / "hmt_config.json").read_text())
-    assert final["attention_sink"] is True
+    assert final["attention_sink"] is True and final["memory_tokens"] == 2
     other = train_args(tiny_model_dir, corpus, tmp_path / "three", "--stage", "2", "--init-from", str(one),
                        "--max-steps", "2", "--no-attention-sink")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *other)
     assert code == 1 and "attention_sink" in err and "tied to the parameters" in err
+    other = train_args(tiny_model_dir, corpus, tmp_path / "four", "--stage", "2", "--init-from", str(one),
+                       "--max-steps", "2", "--memory-tokens", "3")  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, *other)
+    assert code == 1 and "memory_tokens" in err and "tied to the parameters" in err

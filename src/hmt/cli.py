@@ -71,6 +71,7 @@ SegmentLengthOpt = Annotated[int | None, typer.Option(help=_config_help("segment
 NumSensoryOpt = Annotated[int | None, typer.Option(help=_config_help("num_sensory") + " Default: 32.")]
 CacheSizeOpt = Annotated[int | None, typer.Option(help=_config_help("cache_size") + " Default: 300.")]
 SummaryLengthOpt = Annotated[int | None, typer.Option(help=_config_help("summary_length"))]
+MemoryTokensOpt = Annotated[int | None, typer.Option(help=_config_help("memory_tokens") + " Default: 1.")]
 
 
 @app.command()
@@ -245,6 +246,7 @@ def train_command(
     attention_sink: Annotated[
         bool | None, typer.Option(help=_config_help("attention_sink") + " Default: on.")
     ] = None,
+    memory_tokens: MemoryTokensOpt = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_train_help("batch_size"))] = None,
@@ -275,6 +277,7 @@ def train_command(
     given = dict(locals())
     model_fields = (
         "segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm", "attention_sink",
+        "memory_tokens",
     )  # fmt: skip
     train_fields = (
         "mode", "unroll", "batch_size", "grad_accum", "streaming", "loss_on", "bptt_depth", "max_steps", "lr",
@@ -359,6 +362,7 @@ def compare_command(
     num_sensory: Annotated[int, typer.Option(help="Sensory tokens (k); the sliding window is L + k.")] = 32,
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
     attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
+    memory_tokens: Annotated[int, typer.Option(help=_config_help("memory_tokens"))] = 1,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
         int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")
@@ -395,6 +399,7 @@ def compare_command(
             num_sensory=num_sensory,
             cache_size=cache_size,
             attention_sink=attention_sink,
+            memory_tokens=memory_tokens,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,
             stage1_unroll=stage1_unroll,

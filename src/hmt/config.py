@@ -40,6 +40,13 @@ class HMTConfig:
     cache_size: int = field(
         default=300, metadata={"help": "Long-term memory: how many past segment memories are kept (N)."}
     )
+    memory_tokens: int = field(
+        default=1,
+        metadata={
+            "help": "Memory embeddings per segment (r): each segment writes r memories from its last r slots "
+            "and reads r at both ends; recall mixes whole groups of r. 1 is the paper's single memory token."
+        },
+    )
     recall_dim: int | None = field(
         default=None,
         metadata={"help": "Width of the recall projections W_q, W_k (d_h); the embedding width if unset."},
@@ -122,6 +129,7 @@ class HMTConfig:
                     f"start of a segment), got {self.summary_length}"
                 )
         _require_int("cache_size", self.cache_size, minimum=1)
+        _require_int("memory_tokens", self.memory_tokens, minimum=1)
         if self.recall_dim is not None:
             _require_int("recall_dim", self.recall_dim, minimum=1)
         if self.mode not in MODES:

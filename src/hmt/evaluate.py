@@ -162,7 +162,7 @@ def _score_stream(
     if mode in WRITING_MODES:
         embedding_norm = float(model.memory.embedding_norm)
         if state.memory_mask.any():
-            memory_norm = float(state.memories[state.memory_mask].norm(dim=-1).mean())
+            memory_norm = model.memory.mean_norm(state.memories[state.memory_mask])
     return ModeResult(
         mode=mode,
         window=window,

@@ -25,7 +25,7 @@ class MemoryState:
     is `sensory_ids[:, -1]`; masks say which slots hold something (rows may have read different amounts).
     """
 
-    memories: torch.Tensor  # (batch, slots, d) float32, slots <= cache_size: long-term memory cache
+    memories: torch.Tensor  # (batch, slots, r * d) float32, slots <= cache_size: long-term memory cache
     memory_mask: torch.Tensor  # (batch, slots) bool: which slots hold a memory
     sensory_ids: torch.Tensor  # (batch, k) long: the last k token ids read (sensory memory)
     sensory_mask: torch.Tensor  # (batch, k) bool
@@ -39,14 +39,14 @@ class MemoryState:
     def empty(
         cls,
         batch_size: int,
-        embedding_dim: int,
+        memory_width: int,
         num_sensory: int,
         vocab_size: int,
         device: torch.device | str | None = None,
     ) -> MemoryState:
         """The state of a fresh document: nothing read, nothing remembered."""
         return cls(
-            memories=torch.zeros(batch_size, 0, embedding_dim, device=device),
+            memories=torch.zeros(batch_size, 0, memory_width, device=device),
             memory_mask=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
             sensory_ids=torch.zeros(batch_size, num_sensory, dtype=torch.long, device=device),
             sensory_mask=torch.zeros(batch_size, num_sensory, dtype=torch.bool, device=device),
@@ -124,7 +124,7 @@ class MemoryState:
     # ---- transitions used by the model after each segment; each returns a new state ----
 
     def with_memory(self, new_memories: torch.Tensor, active: torch.Tensor, cache_size: int) -> MemoryState:
-        """Append `new_memories` (batch, d) for the `active` rows; evict the oldest beyond `cache_size`.
+        """Append `new_memories` (batch, r * d) for the `active` rows; evict the oldest beyond `cache_size`.
 
         Inactive rows (no tokens in this segment) keep their cache; to stay right-aligned they gain an
         empty slot on the left instead.

@@ -90,6 +90,7 @@ class HMTForCausalLM(nn.Module):
             self.config.recall_norm,
             self.config.recall_init,
             _sink_init(backbone, embeddings) if self.config.attention_sink else None,
+            self.config.memory_tokens,
         ).to(device=device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
@@ -121,6 +122,11 @@ class HMTForCausalLM(nn.Module):
         return self.memory.embedding_dim
 
     @property
+    def memory_width(self) -> int:
+        """Width of one cached memory: memory_tokens embeddings held flat."""
+        return self.memory.memory_width
+
+    @property
     def vocab_size(self) -> int:
         return self.backbone.get_input_embeddings().num_embeddings
 
@@ -135,7 +141,7 @@ class HMTForCausalLM(nn.Module):
         """
         fixed = {
             "recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init",
-            "attention_sink",
+            "attention_sink", "memory_tokens",
         }  # fmt: skip
         fixed &= set(changes)
         if fixed:
@@ -148,7 +154,7 @@ class HMTForCausalLM(nn.Module):
 
     def empty_state(self, batch_size: int = 1) -> MemoryState:
         return MemoryState.empty(
-            batch_size, self.embedding_dim, self.config.num_sensory, self.vocab_size, device=self.device
+            batch_size, self.memory_width, self.config.num_sensory, self.vocab_size, device=self.device
         )
 
     # ---- forward ------------------------------------------------------------------------------
@@ -237,10 +243,10 @@ class HMTForCausalLM(nn.Module):
         use_sensory: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One backbone call over the active rows: [P | sensory | segment | P] (memory modes), [sensory |
-        segment] (sliding) or the segment alone (backbone).
+        segment] (sliding) or the segment alone (backbone); P is r embeddings, after the sink if any.
 
         Returns the logits at every segment position of the active rows, flattened row by row
-        (sum(seg_lengths), vocab), and the written memory per row (batch, d) (zeros for inactive rows).
+        (sum(seg_lengths), vocab), and the written memory per row (batch, r * d) (zeros for inactive rows).
         """
         embed = self.backbone.get_input_embeddings()
         dtype = embed.weight.dtype
@@ -254,12 +260,12 @@ class HMTForCausalLM(nn.Module):
             pieces = embed(tokens)
             prefix = 0
             if use_memory:
-                slot = read[row].to(dtype)[None, :]
-                pieces = torch.cat([slot, pieces, slot])
-                prefix = 1
+                slots = self.memory.as_tokens(read[row]).to(dtype)  # (r, d)
+                pieces = torch.cat([slots, pieces, slots])
+                prefix = len(slots)
                 if self.config.attention_sink:
                     pieces = torch.cat([self.memory.sink.to(dtype)[None, :], pieces])
-                    prefix = 2
+                    prefix += 1
             sequences.append(pieces)
             text_starts.append(prefix + len(tokens) - int(seg_lengths[row]))
         inputs = pad_sequence(sequences, batch_first=True)  # (rows, width, d)
@@ -279,9 +285,15 @@ class HMTForCausalLM(nn.Module):
         if not use_memory:
             return out.logits, None
         final = out.hidden_states[-1]  # (rows, width, output_dim), after the final norm
-        row_index = torch.arange(len(rows), device=final.device)
-        written_rows = self.memory.to_memory(final[row_index, lengths - 1])  # the write slot: last position
-        written = written_rows.new_zeros(seg_ids.shape[0], self.embedding_dim)
+        # The write slots: the last r positions of each row.
+        write_positions = (
+            lengths[:, None]
+            - self.config.memory_tokens
+            + torch.arange(self.config.memory_tokens, device=final.device)
+        )
+        row_index = torch.arange(len(rows), device=final.device)[:, None]
+        written_rows = self.memory.to_memory(final[row_index, write_positions])  # (rows, r * d)
+        written = written_rows.new_zeros(seg_ids.shape[0], self.memory_width)
         written = written.index_put((torch.tensor(rows, device=written.device),), written_rows)
         return out.logits, written
 
@@ -415,12 +427,12 @@ class HMTForCausalLM(nn.Module):
                 f"state holds {state.batch_size} rows but input_ids has {batch}; use state.select(rows)"
             )
         if (
-            state.memories.shape[2] != self.embedding_dim
+            state.memories.shape[2] != self.memory_width
             or state.sensory_ids.shape[1] != self.config.num_sensory
         ):
             raise ValueError(
                 f"state was made by a model with memory width {state.memories.shape[2]} and "
-                f"{state.sensory_ids.shape[1]} sensory tokens; this model has {self.embedding_dim} and "
+                f"{state.sensory_ids.shape[1]} sensory tokens; this model has {self.memory_width} and "
                 f"{self.config.num_sensory}"
             )
         if state.next_token_logits.shape[1] != self.vocab_size:
@@ -637,7 +649,7 @@ def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:
     elif config.mode == "sliding":
         needed, what = config.segment_length + config.num_sensory, "segment_length + num_sensory"
     else:
-        slots = 3 if config.attention_sink else 2
+        slots = 2 * config.memory_tokens + int(config.attention_sink)
         needed, what = (
             config.segment_length + config.num_sensory + slots,
             f"segment_length + num_sensory + {slots} memory and sink slots",

@@ -13,6 +13,7 @@ class MemoryParameters(nn.Module):
 
     `output_dim` is the width of the backbone's final hidden states. When it differs from the embedding
     width d, a projection (`output_proj`) brings written memories into embedding space.
+    A memory is a group of `memory_tokens` (r) embeddings, held flat: width r * d (m0 included).
     """
 
     def __init__(
@@ -25,15 +26,17 @@ class MemoryParameters(nn.Module):
         recall_norm: bool = True,
         recall_init: str = "similarity",
         sink_init: torch.Tensor | None = None,
+        memory_tokens: int = 1,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
+        self.memory_tokens = memory_tokens
         self.recall_dim = recall_dim
         self.memory_norm = memory_norm
         self.recall_norm = recall_norm
         # T and m0 look like token embeddings: normal, scaled by the backbone's embedding spread.
         self.summary_prompt = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
-        self.initial_memory = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
+        self.initial_memory = nn.Parameter(torch.randn(memory_tokens * embedding_dim) * embedding_std)
         if sink_init is not None:  # the fixed first position (HMTConfig.attention_sink)
             self.sink = nn.Parameter(sink_init.detach().float().clone())
         self.query_proj = nn.Linear(output_dim, recall_dim, bias=False)
@@ -62,29 +65,44 @@ class MemoryParameters(nn.Module):
             if self.memory_norm == "learned":
                 self.memory_scale.fill_(embedding_norm / hidden_norm)
 
+    @property
+    def memory_width(self) -> int:
+        """Width of one cached memory: r embeddings held flat."""
+        return self.memory_tokens * self.embedding_dim
+
     def to_memory(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden state at the write slot (..., output_dim) -> memory embedding (..., d), float32."""
+        """Final hidden states at the r write slots (..., r, output_dim) -> one memory (..., r * d), float32."""
         memory = self.project(hidden)
         if self.memory_norm == "learned":
-            return memory * self.memory_scale
-        if self.memory_norm == "match":
-            return memory / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
-        return memory
+            memory = memory * self.memory_scale
+        elif self.memory_norm == "match":
+            memory = memory / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
+        return memory.flatten(-2)
+
+    def as_tokens(self, memory: torch.Tensor) -> torch.Tensor:
+        """One memory (..., r * d) -> its r embeddings (..., r, d), as the backbone reads them."""
+        return memory.unflatten(-1, (self.memory_tokens, self.embedding_dim))
+
+    def mean_norm(self, memories: torch.Tensor) -> float:
+        """Mean L2 norm of the embeddings in some memories (..., r * d): comparable to token embeddings."""
+        return float(self.as_tokens(memories.detach()).norm(dim=-1).mean())
 
     def recall(
         self, query: torch.Tensor, memories: torch.Tensor, memory_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft attention of each row's query over its cached memories.
 
-        query: (batch, output_dim); memories: (batch, slots, d); memory_mask: (batch, slots) bool.
-        Returns the recalled memory (batch, d), equal to m0 for rows with an empty cache, and the
+        query: (batch, output_dim); memories: (batch, slots, r * d); memory_mask: (batch, slots) bool.
+        Returns the recalled memory (batch, r * d), equal to m0 for rows with an empty cache, and the
         recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
+        A memory's key is read from the mean of its r embeddings (each RMS-normalised first if recall_norm).
         """
         query = query.to(self.query_proj.weight.dtype)
+        embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
         if self.recall_norm:
-            query, keys_in = _rms_normalise(query), _rms_normalise(memories)
+            query, keys_in = _rms_normalise(query), _rms_normalise(embeddings).mean(dim=-2)
         else:
-            keys_in = memories
+            keys_in = embeddings.mean(dim=-2)
         q = self.query_proj(query)  # (batch, d_h)
         k = self.key_proj(keys_in)  # (batch, slots, d_h)
         scores = torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)

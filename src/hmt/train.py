@@ -395,7 +395,7 @@ def memory_diagnostics(model: HMTForCausalLM, out: Any) -> dict[str, Any]:
         return record
     state = out.state.detach()
     if state.memory_mask.any():
-        record["memory_norm"] = float(state.memories[state.memory_mask].norm(dim=-1).mean())
+        record["memory_norm"] = model.memory.mean_norm(state.memories[state.memory_mask])
     if out.recall_weights:
         stats = recall_stats([w[row].detach() for w in out.recall_weights for row in range(w.shape[0])])
         if stats.segments:

@@ -43,6 +43,8 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "hmt": ("rmt", "hmt", "hmt"),
 }
 RESULTS_NAME = "comparison.json"
+# Settings added after comparison folders were first written, with the value those folders used.
+SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class CompareRequest:
     num_sensory: int = 32
     cache_size: int = 300
     attention_sink: bool = True
+    memory_tokens: int = 1
     stage1_steps: int = 40
     stage2_steps: int = 60
     stage1_unroll: int = 2
@@ -136,7 +139,7 @@ def _check_same_settings(request: CompareRequest) -> None:
     now = {k: v for k, v in asdict(request).items() if k not in ("out", "arms", "seeds", "device", "train")}
     now = json.loads(json.dumps(now))
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = SETTINGS_ADDED_LATER | json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ValueError(
@@ -207,6 +210,7 @@ def _train_once(
                 "num_sensory": request.num_sensory,
                 "cache_size": request.cache_size,
                 "attention_sink": request.attention_sink,
+                "memory_tokens": request.memory_tokens,
             },
             train={
                 "mode": mode,
