@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB = 96
+ATOL = 1e-5  # fp32 equivalences on the tiny backbones
 ARCHS = ("llama", "gpt2", "opt", "qwen2", "gpt_neox")
 
 
@@ -70,6 +71,19 @@ def tiny_hmt(arch: str = "llama", seed: int = 0, **config):
 
     settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, **config}
     return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings))
+
+
+def capture_main_inputs(model) -> list[torch.Tensor]:
+    """Record the inputs_embeds of every backbone call that computes logits (main passes, not queries)."""
+    calls: list[torch.Tensor] = []
+
+    def hook(_module, _args, kwargs):
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor) and bool(keep.any()):
+            calls.append(kwargs["inputs_embeds"].detach().clone())
+
+    model.backbone.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
 
 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_ids, run_cli, tiny_hmt, word_text
+from conftest import ATOL, random_ids, run_cli, tiny_hmt, word_text
 from hmt.evaluate import EvalConfig, recall_stats, run_eval, segment_perplexities
-
-ATOL = 1e-5
 
 
 def plain_ppl(backbone, stream: torch.Tensor) -> float:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_ids, tiny_backbone, tiny_hmt
+from conftest import ATOL, capture_main_inputs, random_ids, tiny_backbone, tiny_hmt
 from hmt import HMTConfig, HMTForCausalLM
-from test_model import ATOL, capture_main_inputs
 
 R = 3
 

@@ -5,24 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, random_ids, tiny_backbone, tiny_hmt
+from conftest import ATOL, VOCAB, capture_main_inputs, random_ids, tiny_backbone, tiny_hmt
 from hmt import HMTConfig, HMTForCausalLM, MemoryState
-
-ATOL = 1e-5
-
-
-def capture_main_inputs(model: HMTForCausalLM) -> list[torch.Tensor]:
-    """Record the inputs_embeds of every backbone call that computes logits (main passes, not queries)."""
-    calls: list[torch.Tensor] = []
-
-    def hook(_module, _args, kwargs):
-        keep = kwargs.get("logits_to_keep")
-        if isinstance(keep, torch.Tensor) and bool(keep.any()):
-            calls.append(kwargs["inputs_embeds"].detach().clone())
-
-    model.backbone.register_forward_pre_hook(hook, with_kwargs=True)
-    return calls
-
 
 # ---- memory off == plain backbone ----------------------------------------------------------------
 

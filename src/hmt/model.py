@@ -252,6 +252,7 @@ class HMTForCausalLM(nn.Module):
         dtype = embed.weight.dtype
         use_memory = read is not None
         rows = torch.nonzero(seg_lengths > 0).flatten().tolist()
+        read_slots = self.memory.as_tokens(read).to(dtype) if use_memory else None  # (batch, r, d)
         sequences, text_starts = [], []
         for row in rows:
             tokens = seg_ids[row, : int(seg_lengths[row])]
@@ -260,7 +261,7 @@ class HMTForCausalLM(nn.Module):
             pieces = embed(tokens)
             prefix = 0
             if use_memory:
-                slots = self.memory.as_tokens(read[row]).to(dtype)  # (r, d)
+                slots = read_slots[row]
                 pieces = torch.cat([slots, pieces, slots])
                 prefix = len(slots)
                 if self.config.attention_sink:
