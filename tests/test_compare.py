@@ -61,15 +61,19 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert not (out / "seed-1").exists()
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--lr", "0.01"))
     assert code == 1 and "other settings (lr)" in err
-    # A folder written before --memory-tokens existed used one memory token: it continues as it was.
+    # A folder written before --memory-tokens and --recall-recency existed used one memory token and
+    # no recency prior: it continues as it was.
     settings = json.loads((out / "settings.json").read_text())
-    del settings["memory_tokens"]
+    del settings["memory_tokens"], settings["recall_recency"]
     (out / "settings.json").write_text(json.dumps(settings))
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--no-train"))
     assert code == 0, err
     args = compare_args(tiny_model_dir, corpus, out, "--memory-tokens", "4")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (memory_tokens)" in err
+    args = compare_args(tiny_model_dir, corpus, out, "--recall-recency", "0.25")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (recall_recency)" in err
 
 
 def test_summary_averages_seeds_and_measures_the_gap_closed():
@@ -92,6 +96,8 @@ def test_summary_averages_seeds_and_measures_the_gap_closed():
         ({"arms": ("hmt", "lstm")}, "unknown arm"),
         ({"seeds": ()}, "at least one seed"),
         ({"stage2_steps": 0}, "stage2-steps"),
+        ({"recall_recency": -1.0}, "recall-recency"),
+        ({"recall_recency": float("nan")}, "recall-recency"),
     ],
 )
 def test_bad_requests(tmp_path, kwargs, message):

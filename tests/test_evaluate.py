@@ -162,6 +162,8 @@ def test_eval_with_adapter_and_probes(monkeypatch, capsys, tiny_model_dir, text_
         "40:8",
         "--filler",
         "$",
+        "--recall-recency",
+        "0.5",
     ]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
@@ -170,6 +172,7 @@ def test_eval_with_adapter_and_probes(monkeypatch, capsys, tiny_model_dir, text_
     assert report["data"]["transforms"]["interleave"]["every"] == 32
     assert report["data"]["transforms"]["dilate"] == {"every": 40, "length": 8, "filler": "$"}
     assert report["modes"]["hmt"]["tokens_scored"] < 299  # filler runs are not scored
+    assert report["config"]["recall_recency"] == 0.5  # a setting the adapter is read with, not a parameter
 
 
 @pytest.mark.parametrize(

@@ -107,11 +107,13 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
                       "--memory-tokens", "2")  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     same = train_args(tiny_model_dir, corpus, tmp_path / "two", "--stage", "2", "--init-from", str(one),
-                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2")  # fmt: skip
+                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2",
+                      "--recall-recency", "0.5")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *same)
     assert code == 0, err
     final = json.loads((tmp_path / "two" / "final" / "hmt_config.json").read_text())
     assert final["attention_sink"] is True and final["memory_tokens"] == 2
+    assert final["recall_recency"] == 0.5  # not tied to the parameters: stage 2 may add the prior
     other = train_args(tiny_model_dir, corpus, tmp_path / "three", "--stage", "2", "--init-from", str(one),
                        "--max-steps", "2", "--no-attention-sink")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *other)

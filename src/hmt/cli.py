@@ -72,6 +72,7 @@ NumSensoryOpt = Annotated[int | None, typer.Option(help=_config_help("num_sensor
 CacheSizeOpt = Annotated[int | None, typer.Option(help=_config_help("cache_size") + " Default: 300.")]
 SummaryLengthOpt = Annotated[int | None, typer.Option(help=_config_help("summary_length"))]
 MemoryTokensOpt = Annotated[int | None, typer.Option(help=_config_help("memory_tokens") + " Default: 1.")]
+RecallRecencyOpt = Annotated[float | None, typer.Option(help=_config_help("recall_recency") + " Default: 0.")]
 
 
 @app.command()
@@ -127,6 +128,7 @@ def eval_command(
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
     summary_length: SummaryLengthOpt = None,
+    recall_recency: RecallRecencyOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Read the first this many tokens of the text.")] = 16384,
     data: DataOpt = "essays",
     split: SplitOpt = None,
@@ -178,6 +180,7 @@ def eval_command(
             num_sensory=num_sensory,
             cache_size=cache_size,
             summary_length=summary_length,
+            recall_recency=recall_recency,
             max_tokens=max_tokens,
             data=data,
             split=split,
@@ -247,6 +250,7 @@ def train_command(
         bool | None, typer.Option(help=_config_help("attention_sink") + " Default: on.")
     ] = None,
     memory_tokens: MemoryTokensOpt = None,
+    recall_recency: RecallRecencyOpt = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_train_help("batch_size"))] = None,
@@ -277,7 +281,7 @@ def train_command(
     given = dict(locals())
     model_fields = (
         "segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm", "attention_sink",
-        "memory_tokens",
+        "memory_tokens", "recall_recency",
     )  # fmt: skip
     train_fields = (
         "mode", "unroll", "batch_size", "grad_accum", "streaming", "loss_on", "bptt_depth", "max_steps", "lr",
@@ -363,6 +367,7 @@ def compare_command(
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
     attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
     memory_tokens: Annotated[int, typer.Option(help=_config_help("memory_tokens"))] = 1,
+    recall_recency: Annotated[float, typer.Option(help=_config_help("recall_recency"))] = 0.0,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
         int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")
@@ -400,6 +405,7 @@ def compare_command(
             cache_size=cache_size,
             attention_sink=attention_sink,
             memory_tokens=memory_tokens,
+            recall_recency=recall_recency,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,
             stage1_unroll=stage1_unroll,

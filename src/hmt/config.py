@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -84,6 +85,14 @@ class HMTConfig:
             "synthetic task); independent: two random matrices, as in the paper."
         },
     )
+    recall_recency: float = field(
+        default=0.0,
+        metadata={
+            "help": "A fixed recency prior on recall: each cache entry's score loses this many nats per "
+            "segment of its age (0 for the newest), as ALiBi does for attention, so recall cannot settle "
+            "on one old entry for free (it did in our comparison); 0: the paper's recall."
+        },
+    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -141,6 +150,14 @@ class HMTConfig:
         _require_int("query_batch_size", self.query_batch_size, minimum=1)
         if self.recall_init not in ("similarity", "independent"):
             raise ValueError(f"recall_init must be similarity or independent, got {self.recall_init!r}")
+        if (
+            isinstance(self.recall_recency, bool)
+            or not isinstance(self.recall_recency, (int, float))
+            or not math.isfinite(self.recall_recency)
+            or self.recall_recency < 0
+        ):
+            raise ValueError(f"recall_recency must be a number >= 0, got {self.recall_recency!r}")
+        self.recall_recency = float(self.recall_recency)
         if not isinstance(self.recall_norm, bool):
             raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
         if not isinstance(self.attention_sink, bool):

@@ -216,7 +216,9 @@ class HMTForCausalLM(nn.Module):
             elif cfg.mode == "rmt":
                 read = self.memory.last_memory(state.memories, state.memory_mask)
             else:
-                read, weights = self.memory.recall(queries[:, step], state.memories, state.memory_mask)
+                read, weights = self.memory.recall(
+                    queries[:, step], state.memories, state.memory_mask, cfg.recall_recency
+                )
                 recall_weights.append(weights)
             logits, written = self._main_pass(seg_ids, seg_lengths, state, read, use_sensory)
             collector.add_segment(start, seg_lengths, logits)

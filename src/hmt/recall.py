@@ -88,7 +88,11 @@ class MemoryParameters(nn.Module):
         return float(self.as_tokens(memories.detach()).norm(dim=-1).mean())
 
     def recall(
-        self, query: torch.Tensor, memories: torch.Tensor, memory_mask: torch.Tensor
+        self,
+        query: torch.Tensor,
+        memories: torch.Tensor,
+        memory_mask: torch.Tensor,
+        recency: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft attention of each row's query over its cached memories.
 
@@ -96,6 +100,7 @@ class MemoryParameters(nn.Module):
         Returns the recalled memory (batch, r * d), equal to m0 for rows with an empty cache, and the
         recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
         A memory's key is read from the mean of its r embeddings (each RMS-normalised first if recall_norm).
+        `recency` (HMTConfig.recall_recency) subtracts that many nats per segment of age from each score.
         """
         query = query.to(self.query_proj.weight.dtype)
         embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
@@ -106,6 +111,8 @@ class MemoryParameters(nn.Module):
         q = self.query_proj(query)  # (batch, d_h)
         k = self.key_proj(keys_in)  # (batch, slots, d_h)
         scores = torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
+        if recency:
+            scores = scores - recency * entry_ages(memory_mask).to(scores.dtype)
         scores = scores.masked_fill(~memory_mask, float("-inf"))
         has_memory = memory_mask.any(dim=1, keepdim=True)  # (batch, 1)
         # Rows without memories would softmax over nothing (NaN); give them a harmless zero score row.
@@ -122,6 +129,16 @@ class MemoryParameters(nn.Module):
             return self.initial_memory.expand(batch, width)
         newest_valid = memory_mask[:, -1:]  # right-aligned: the last slot is the newest
         return torch.where(newest_valid, memories[:, -1], self.initial_memory.expand(batch, width))
+
+
+def entry_ages(memory_mask: torch.Tensor) -> torch.Tensor:
+    """Age of each cache entry in its row's own writes: 0 for the newest valid entry, 1 for the one before.
+
+    Valid entries are right-aligned and contiguous per row (MemoryState.with_memory), so an entry's age
+    is the number of valid entries to its right; padding rows and empty slots do not count.
+    """
+    later = memory_mask.flip(1).long().cumsum(1).flip(1)  # valid entries at or after each slot
+    return (later - 1).clamp_min(0)
 
 
 def _rms_normalise(x: torch.Tensor) -> torch.Tensor:

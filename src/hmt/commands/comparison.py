@@ -44,7 +44,7 @@ ARMS: dict[str, tuple[str, str, str]] = {
 }
 RESULTS_NAME = "comparison.json"
 # Settings added after comparison folders were first written, with the value those folders used.
-SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1}
+SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1, "recall_recency": 0.0}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class CompareRequest:
     cache_size: int = 300
     attention_sink: bool = True
     memory_tokens: int = 1
+    recall_recency: float = 0.0
     stage1_steps: int = 40
     stage2_steps: int = 60
     stage1_unroll: int = 2
@@ -81,6 +82,8 @@ class CompareRequest:
             raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none)'}: use {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if not self.recall_recency >= 0:  # also refuses NaN
+            raise ValueError(f"recall-recency must be a number >= 0, got {self.recall_recency}")
         for name in ("stage1_steps", "stage2_steps", "stage1_unroll", "stage2_unroll", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -211,6 +214,7 @@ def _train_once(
                 "cache_size": request.cache_size,
                 "attention_sink": request.attention_sink,
                 "memory_tokens": request.memory_tokens,
+                "recall_recency": request.recall_recency,
             },
             train={
                 "mode": mode,

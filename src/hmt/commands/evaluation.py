@@ -35,6 +35,7 @@ class EvalRequest:
     num_sensory: int | None = None
     cache_size: int | None = None
     summary_length: int | None = None
+    recall_recency: float | None = None
     max_tokens: int = 16384
     data: str = "essays"
     split: str | None = None
@@ -174,6 +175,7 @@ def build_model(request: EvalRequest, backbone: Backbone) -> tuple[HMTForCausalL
             "num_sensory": request.num_sensory,
             "cache_size": request.cache_size,
             "summary_length": request.summary_length,
+            "recall_recency": request.recall_recency,
         }.items()
         if value is not None
     }
