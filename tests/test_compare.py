@@ -64,7 +64,7 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     # A folder written before --memory-tokens and --recall-recency existed used one memory token and
     # no recency prior: it continues as it was.
     settings = json.loads((out / "settings.json").read_text())
-    del settings["memory_tokens"], settings["recall_recency"]
+    del settings["memory_tokens"], settings["recall_recency"], settings["stage2_reset_every"]
     (out / "settings.json").write_text(json.dumps(settings))
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--no-train"))
     assert code == 0, err
@@ -74,6 +74,9 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     args = compare_args(tiny_model_dir, corpus, out, "--recall-recency", "0.25")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (recall_recency)" in err
+    args = compare_args(tiny_model_dir, corpus, out, "--stage2-reset-every", "8")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (stage2_reset_every)" in err
 
 
 def test_summary_averages_seeds_and_measures_the_gap_closed():
@@ -97,6 +100,7 @@ def test_summary_averages_seeds_and_measures_the_gap_closed():
         ({"seeds": ()}, "at least one seed"),
         ({"stage2_steps": 0}, "stage2-steps"),
         ({"recall_recency": -1.0}, "recall-recency"),
+        ({"stage2_reset_every": 0}, "stage2-reset-every"),
         ({"recall_recency": float("nan")}, "recall-recency"),
     ],
 )
@@ -122,3 +126,16 @@ def test_frozen_backbone_scores_the_parameterless_arms_untrained(
     code, _, err = run_cli(monkeypatch, capsys, *args, "--no-train")
     assert code == 0, err
     assert set(json.loads((out / "comparison.json").read_text())["runs"]["0"]) == {"sliding", "memory_off"}
+
+
+def test_stage2_reset_reaches_the_streaming_stage_only(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from hmt.commands import comparison
+
+    requests = []
+    monkeypatch.setattr(comparison, "run_train_command", lambda request, console: requests.append(request))
+    request = CompareRequest(out=tmp_path, stage2_reset_every=64)
+    for streaming in (False, True):
+        comparison._train_once(request, tmp_path / str(streaming), "hmt", 4, 2, 0, None, streaming, Console())
+    assert [r.train["reset_every"] for r in requests] == [None, 64]

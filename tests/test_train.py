@@ -136,6 +136,20 @@ def test_stream_lanes_read_in_order_and_start_over():
         StreamLanes(torch.arange(30), batch_size=2).batch(0, 20)
 
 
+def test_stream_lanes_empty_memory_every_reset_tokens_and_keep_reading_in_order():
+    source = StreamLanes(torch.arange(200), batch_size=2, reset_tokens=40)  # lanes [0, 100), [100, 200)
+    batches = [source.batch(i, 20) for i in range(4)]
+    assert [b.input_ids[0, 0].item() for b in batches] == [0, 20, 40, 60]  # the text goes on
+    assert [bool(b.reset.all()) for b in batches] == [True, False, True, False]
+    replay = StreamLanes(torch.arange(200), batch_size=2, reset_tokens=40)
+    replay.load_state_dict(source.state_dict())
+    assert source.batch(4, 20).reset.all() and replay.batch(4, 20).reset.all()
+    with pytest.raises(ValueError, match="reset_every needs streaming"):
+        TrainConfig(reset_every=4)
+    with pytest.raises(ValueError, match="reset_every must be >= 1"):
+        TrainConfig(reset_every=0, streaming=True)
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 

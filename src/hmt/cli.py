@@ -256,6 +256,7 @@ def train_command(
     batch_size: Annotated[int | None, typer.Option(help=_train_help("batch_size"))] = None,
     grad_accum: Annotated[int | None, typer.Option(help=_train_help("grad_accum"))] = None,
     streaming: Annotated[bool | None, typer.Option(help=_train_help("streaming"))] = None,
+    reset_every: Annotated[int | None, typer.Option(help=_train_help("reset_every"))] = None,
     loss_on: Annotated[str | None, typer.Option(help=_train_help("loss_on"))] = None,
     bptt_depth: Annotated[int | None, typer.Option(help=_train_help("bptt_depth"))] = None,
     max_steps: Annotated[int | None, typer.Option(help=_train_help("max_steps"))] = None,
@@ -284,7 +285,7 @@ def train_command(
         "memory_tokens", "recall_recency",
     )  # fmt: skip
     train_fields = (
-        "mode", "unroll", "batch_size", "grad_accum", "streaming", "loss_on", "bptt_depth", "max_steps", "lr",
+        "mode", "unroll", "batch_size", "grad_accum", "streaming", "reset_every", "loss_on", "bptt_depth", "max_steps", "lr",
         "memory_lr", "weight_decay", "warmup_steps", "decay_every", "decay_factor", "max_grad_norm",
         "gradient_checkpointing", "log_every", "eval_every", "save_every", "keep_checkpoints", "seed",
     )  # fmt: skip
@@ -374,6 +375,13 @@ def compare_command(
     ] = 60,
     stage1_unroll: Annotated[int, typer.Option(help="Segments per stage-1 sample.")] = 2,
     stage2_unroll: Annotated[int, typer.Option(help="Segments per stage-2 sample.")] = 4,
+    stage2_reset_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage 2: empty each lane's memory every this many segments (e.g. as many as the texts "
+            "evaluated have); default: carried through the whole training text."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples (stage 2: lanes) per step.")] = 2,
     lr: Annotated[float, typer.Option(help="Learning rate of LoRA (or the backbone).")] = 1e-4,
     memory_lr: Annotated[float, typer.Option(help="Learning rate of HMT's parameters.")] = 1e-3,
@@ -410,6 +418,7 @@ def compare_command(
             stage2_steps=stage2_steps,
             stage1_unroll=stage1_unroll,
             stage2_unroll=stage2_unroll,
+            stage2_reset_every=stage2_reset_every,
             batch_size=batch_size,
             lr=lr,
             memory_lr=memory_lr,

@@ -52,6 +52,14 @@ class TrainConfig:
             "help": "Read the stream in order in parallel lanes, carrying memory across steps (detached)."
         },
     )
+    reset_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Streaming: empty each lane's memory once it has been carried this many segments (at the "
+            "next sample), so training caches are as long as the texts evaluated and always hold a memory "
+            "written from m0, as evaluation's do; None: memory is carried through the whole text."
+        },
+    )
     loss_on: str = field(default="all", metadata={"help": "Loss on all segments, or on the last one only."})
     bptt_depth: int | None = field(
         default=None,
@@ -90,6 +98,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.decay_every < 1 or not 0 < self.decay_factor <= 1:
             raise ValueError("decay_every must be >= 1 and decay_factor in (0, 1]")
+        if self.reset_every is not None and self.reset_every < 1:
+            raise ValueError(f"reset_every must be >= 1, got {self.reset_every}")
+        if self.reset_every is not None and not self.streaming:
+            raise ValueError("reset_every needs streaming (random windows start with an empty memory anyway)")
         if self.bptt_depth is not None and self.bptt_depth < 1:
             raise ValueError(f"bptt_depth must be >= 1, got {self.bptt_depth}")
         if self.lr < 0 or self.memory_lr < 0 or self.max_grad_norm < 0:
@@ -182,12 +194,20 @@ class RandomWindows:
 class StreamLanes:
     """The stream cut into batch_size x world lanes, each read in order, one window per micro-batch.
 
-    A lane that cannot fill the next window starts over from its beginning, with its memory reset.
+    A lane that cannot fill the next window starts over from its beginning, with its memory reset; with
+    `reset_tokens`, a lane's memory is also reset once it has been carried through that many tokens.
     """
 
     streaming = True
 
-    def __init__(self, stream: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        stream: torch.Tensor,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        reset_tokens: int | None = None,
+    ) -> None:
         lanes = batch_size * world
         self.lane_length = stream.shape[0] // lanes
         self.lanes = [
@@ -197,6 +217,8 @@ class StreamLanes:
             for b in range(batch_size)
         ]
         self.position = 0  # shared by all lanes: they advance together
+        self.reset_tokens = reset_tokens
+        self.carried = 0  # tokens read since the lanes' memory was last emptied
 
     def batch(self, index: int, window: int) -> Batch:
         if self.lane_length < window:
@@ -205,17 +227,21 @@ class StreamLanes:
                 f"than one sample ({window}): give more text, a smaller batch or fewer/shorter segments"
             )
         reset = self.position == 0 or self.position + window > self.lane_length
+        if self.reset_tokens is not None and self.carried >= self.reset_tokens:
+            reset = True
         if self.position + window > self.lane_length:
             self.position = 0
         ids = torch.stack([lane[self.position : self.position + window] for lane in self.lanes])
         self.position += window
+        self.carried = window if reset else self.carried + window
         return Batch(ids, ids.clone(), torch.full((len(self.lanes),), reset))
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
+        return {"position": self.position, "carried": self.carried}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
+        self.carried = int(state.get("carried", self.position))  # checkpoints from before resets existed
 
 
 # ---- the loop -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ ARMS: dict[str, tuple[str, str, str]] = {
 }
 RESULTS_NAME = "comparison.json"
 # Settings added after comparison folders were first written, with the value those folders used.
-SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1, "recall_recency": 0.0}
+SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1, "recall_recency": 0.0, "stage2_reset_every": None}
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class CompareRequest:
     stage2_steps: int = 60
     stage1_unroll: int = 2
     stage2_unroll: int = 4
+    stage2_reset_every: int | None = None
     batch_size: int = 2
     lr: float = 1e-4
     memory_lr: float = 1e-3
@@ -82,6 +83,8 @@ class CompareRequest:
             raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none)'}: use {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.stage2_reset_every is not None and self.stage2_reset_every < 1:
+            raise ValueError(f"stage2-reset-every must be at least 1, got {self.stage2_reset_every}")
         if not self.recall_recency >= 0:  # also refuses NaN
             raise ValueError(f"recall-recency must be a number >= 0, got {self.recall_recency}")
         for name in ("stage1_steps", "stage2_steps", "stage1_unroll", "stage2_unroll", "batch_size"):
@@ -222,6 +225,7 @@ def _train_once(
                 "max_steps": steps,
                 "batch_size": request.batch_size,
                 "streaming": streaming,
+                "reset_every": request.stage2_reset_every if streaming else None,
                 "lr": request.lr,
                 "memory_lr": request.memory_lr,
                 "seed": seed,

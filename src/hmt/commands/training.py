@@ -90,14 +90,15 @@ def run_train_command(request: TrainRequest, console: Console | None = None) -> 
     train_stream, val_stream, data_info = build_streams(request, backbone.tokenizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.streaming:
-        source = StreamLanes(train_stream, config.batch_size, rank, world)
+        reset_tokens = config.reset_every * model.config.segment_length if config.reset_every else None
+        source = StreamLanes(train_stream, config.batch_size, rank, world, reset_tokens)
     else:
         source = RandomWindows(train_stream, config.batch_size, config.seed, rank, world)
     source.batch(
         0, config.max_unroll * model.config.segment_length
     )  # a corpus smaller than one sample fails now
     if config.streaming:
-        source.load_state_dict({"position": 0})
+        source.load_state_dict({"position": 0, "carried": 0})
     set_trainable_memory(model, config.mode)  # train() does it too; here so that the count is right
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(
