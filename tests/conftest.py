@@ -86,6 +86,16 @@ def capture_main_inputs(model) -> list[torch.Tensor]:
     return calls
 
 
+def read_in_chunks(model, ids: torch.Tensor, bounds: list[tuple[int, int]]):
+    """Read `ids` in calls over [start, stop) column ranges, carrying the state: (token losses joined, state)."""
+    state, losses = None, []
+    for start, stop in bounds:
+        part = model(ids[:, start:stop], state=state)
+        state = part.state
+        losses.append(part.token_losses)
+    return torch.cat(losses, 1), state
+
+
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)

@@ -226,9 +226,11 @@ class StreamLanes:
                 f"the training text gives each of {len(self.lanes)} lanes {self.lane_length} tokens, fewer "
                 f"than one sample ({window}): give more text, a smaller batch or fewer/shorter segments"
             )
-        reset = self.position == 0 or self.position + window > self.lane_length
-        if self.reset_tokens is not None and self.carried >= self.reset_tokens:
-            reset = True
+        reset = (
+            self.position == 0
+            or self.position + window > self.lane_length
+            or (self.reset_tokens is not None and self.carried >= self.reset_tokens)
+        )
         if self.position + window > self.lane_length:
             self.position = 0
         ids = torch.stack([lane[self.position : self.position + window] for lane in self.lanes])

@@ -31,8 +31,9 @@ from rich.table import Table
 
 from hmt.commands.evaluation import EvalRequest, run_eval_command
 from hmt.commands.training import FINAL_DIR, RUN_FILE, TrainRequest, run_train_command
-from hmt.config import MEMORY_MODES, WRITING_MODES
+from hmt.config import MEMORY_MODES, WRITING_MODES, HMTConfig
 from hmt.io import CONFIG_NAME, write_text_atomic
+from hmt.train import TrainConfig
 
 # arm -> (stage-1 mode, stage-2 mode, mode evaluated)
 ARMS: dict[str, tuple[str, str, str]] = {
@@ -83,10 +84,15 @@ class CompareRequest:
             raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none)'}: use {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("give at least one seed")
-        if self.stage2_reset_every is not None and self.stage2_reset_every < 1:
-            raise ValueError(f"stage2-reset-every must be at least 1, got {self.stage2_reset_every}")
-        if not self.recall_recency >= 0:  # also refuses NaN
-            raise ValueError(f"recall-recency must be a number >= 0, got {self.recall_recency}")
+        # Checked now by the configs that will use them, not after a first arm has trained.
+        for option, check in (
+            ("recall-recency", lambda: HMTConfig(recall_recency=self.recall_recency)),
+            ("stage2-reset-every", lambda: TrainConfig(streaming=True, reset_every=self.stage2_reset_every)),
+        ):
+            try:
+                check()
+            except ValueError as err:
+                raise ValueError(f"--{option}: {err}") from None
         for name in ("stage1_steps", "stage2_steps", "stage1_unroll", "stage2_unroll", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
