@@ -208,6 +208,22 @@ def test_nothing_to_train_is_an_error(tmp_path):
         train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), quiet(mode="backbone"), tmp_path)
 
 
+def test_training_flushes_subnormal_floats(tmp_path):
+    """On CPU every operation on a subnormal float is many times slower, and a saturated recall softmax
+    (with Adam's moments of its near-zero gradients) makes plenty: a collapsed run fell from ~200 to ~13
+    tokens/s before training flushed them."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    subnormal = torch.tensor([1e-39])
+    assert subnormal.mul(1.0).item() > 0
+    try:
+        model = tiny_hmt("llama", segment_length=8, num_sensory=2)
+        train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), quiet(max_steps=1), tmp_path)
+        assert subnormal.mul(1.0).item() == 0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_gradient_checkpointing_and_bptt_reach_the_model(tmp_path, monkeypatch):
     stream = random_ids(1, 800)[0]
     seen = []

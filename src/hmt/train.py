@@ -262,6 +262,13 @@ class TrainSummary:
 Progress = Callable[[int, int, dict[str, Any] | None], None]  # (step done, max steps, log record or None)
 
 
+def flush_denormals() -> None:
+    """Treat floats below ~1.2e-38 as zero in this process, as GPU kernels do. On CPU, a saturated recall
+    softmax and Adam's second moments of near-zero gradients make subnormal numbers, and every operation
+    on them is many times slower: a training run whose recall collapsed fell from ~200 to ~13 tokens/s."""
+    torch.set_flush_denormal(True)
+
+
 def train(
     model: HMTForCausalLM,
     source: BatchSource,
@@ -273,8 +280,11 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
 ) -> TrainSummary:
-    """Train `model` in `config.mode` on batches from `source`; checkpoints and logs go to `run_dir`."""
+    """Train `model` in `config.mode` on batches from `source`; checkpoints and logs go to `run_dir`.
+    Flushes subnormal floats to zero for the rest of the process (see `flush_denormals`)."""
     from accelerate import Accelerator
+
+    flush_denormals()
 
     run_dir = Path(run_dir)
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=config.grad_accum)

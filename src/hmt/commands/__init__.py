@@ -4,9 +4,14 @@ import warnings
 from pathlib import Path
 
 
-def quiet_transformers() -> None:
-    """Commands show their own progress: silence transformers' per-load bars and info logs."""
+def prepare_command() -> None:
+    """Before a command loads a model: silence transformers' per-load bars and info logs (commands show
+    their own progress) and flush subnormal floats to zero (CPU speed; see `hmt.train.flush_denormals`)."""
     from transformers.utils import logging as hf_logging
+
+    from hmt.train import flush_denormals
+
+    flush_denormals()
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hmt.backbone import Backbone, load_backbone
-from hmt.commands import quiet_transformers, refuse_existing
+from hmt.commands import prepare_command, refuse_existing
 from hmt.config import HMTConfig
 from hmt.evaluate import EvalConfig, ModeResult, make_report, run_eval, write_report
 from hmt.model import HMTForCausalLM
@@ -112,7 +112,7 @@ def run_eval_command(request: EvalRequest, console: Console | None = None) -> di
 
 
 def _quiet_load(request: EvalRequest) -> Backbone:
-    quiet_transformers()
+    prepare_command()
     return load_backbone(request.backbone, dtype=request.dtype, device=request.device)
 
 

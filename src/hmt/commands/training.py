@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hmt import __version__
-from hmt.commands import quiet_transformers
+from hmt.commands import prepare_command
 from hmt.config import HMTConfig
 from hmt.train import TrainConfig
 
@@ -210,7 +210,7 @@ def _load(request: TrainRequest, init_adapter: Path | None, device: torch.device
     spec = request.backbone
     if spec is None and init_adapter is not None and (init_adapter / BACKBONE_DIR).is_dir():
         spec = str(init_adapter / BACKBONE_DIR)  # stage 1 fine-tuned the whole backbone
-    quiet_transformers()
+    prepare_command()
     return load_backbone(spec, dtype=request.dtype, device=device)
 
 
