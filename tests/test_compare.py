@@ -61,10 +61,11 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert not (out / "seed-1").exists()
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--lr", "0.01"))
     assert code == 1 and "other settings (lr)" in err
-    # A folder written before --memory-tokens and --recall-recency existed used one memory token and
-    # no recency prior: it continues as it was.
+    # A folder written before --memory-tokens, --memory-offset and --recall-recency existed used one
+    # memory token, no offset and no recency prior: it continues as it was.
     settings = json.loads((out / "settings.json").read_text())
-    del settings["memory_tokens"], settings["recall_recency"], settings["stage2_reset_every"]
+    for added_later in ("memory_tokens", "memory_offset", "recall_recency", "stage2_reset_every"):
+        del settings[added_later]
     (out / "settings.json").write_text(json.dumps(settings))
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--no-train"))
     assert code == 0, err
@@ -74,6 +75,9 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     args = compare_args(tiny_model_dir, corpus, out, "--recall-recency", "0.25")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (recall_recency)" in err
+    args = compare_args(tiny_model_dir, corpus, out, "--memory-offset")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (memory_offset)" in err
     args = compare_args(tiny_model_dir, corpus, out, "--stage2-reset-every", "8")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (stage2_reset_every)" in err
@@ -135,7 +139,8 @@ def test_stage2_reset_reaches_the_streaming_stage_only(monkeypatch, tmp_path):
 
     requests = []
     monkeypatch.setattr(comparison, "run_train_command", lambda request, console: requests.append(request))
-    request = CompareRequest(out=tmp_path, stage2_reset_every=64)
+    request = CompareRequest(out=tmp_path, stage2_reset_every=64, memory_offset=True)
     for streaming in (False, True):
         comparison._train_once(request, tmp_path / str(streaming), "hmt", 4, 2, 0, None, streaming, Console())
     assert [r.train["reset_every"] for r in requests] == [None, 64]
+    assert all(r.model["memory_offset"] is True for r in requests)  # a model setting: both stages

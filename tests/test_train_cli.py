@@ -105,15 +105,15 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
 ):
     one = tmp_path / "stage1"
     args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--attention-sink",
-                      "--memory-tokens", "2")  # fmt: skip
+                      "--memory-tokens", "2", "--memory-offset")  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     same = train_args(tiny_model_dir, corpus, tmp_path / "two", "--stage", "2", "--init-from", str(one),
-                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2",
+                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2", "--memory-offset",
                       "--recall-recency", "0.5")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *same)
     assert code == 0, err
     final = json.loads((tmp_path / "two" / "final" / "hmt_config.json").read_text())
-    assert final["attention_sink"] is True and final["memory_tokens"] == 2
+    assert final["attention_sink"] is True and final["memory_tokens"] == 2 and final["memory_offset"] is True
     assert final["recall_recency"] == 0.5  # not tied to the parameters: stage 2 may add the prior
     other = train_args(tiny_model_dir, corpus, tmp_path / "three", "--stage", "2", "--init-from", str(one),
                        "--max-steps", "2", "--no-attention-sink")  # fmt: skip
@@ -123,3 +123,7 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
                        "--max-steps", "2", "--memory-tokens", "3")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *other)
     assert code == 1 and "memory_tokens" in err and "tied to the parameters" in err
+    other = train_args(tiny_model_dir, corpus, tmp_path / "five", "--stage", "2", "--init-from", str(one),
+                       "--max-steps", "2", "--no-memory-offset")  # fmt: skip
+    code, _, err = run_cli(monkeypatch, capsys, *other)
+    assert code == 1 and "memory_offset" in err and "tied to the parameters" in err

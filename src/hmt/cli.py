@@ -250,6 +250,9 @@ def train_command(
         bool | None, typer.Option(help=_config_help("attention_sink") + " Default: on.")
     ] = None,
     memory_tokens: MemoryTokensOpt = None,
+    memory_offset: Annotated[
+        bool | None, typer.Option(help=_config_help("memory_offset") + " Default: off.")
+    ] = None,
     recall_recency: RecallRecencyOpt = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
@@ -282,7 +285,7 @@ def train_command(
     given = dict(locals())
     model_fields = (
         "segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm", "attention_sink",
-        "memory_tokens", "recall_recency",
+        "memory_tokens", "memory_offset", "recall_recency",
     )  # fmt: skip
     train_fields = (
         "mode", "unroll", "batch_size", "grad_accum", "streaming", "reset_every", "loss_on", "bptt_depth", "max_steps", "lr",
@@ -368,6 +371,7 @@ def compare_command(
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
     attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
     memory_tokens: Annotated[int, typer.Option(help=_config_help("memory_tokens"))] = 1,
+    memory_offset: Annotated[bool, typer.Option(help=_config_help("memory_offset"))] = False,
     recall_recency: Annotated[float, typer.Option(help=_config_help("recall_recency"))] = 0.0,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
@@ -413,6 +417,7 @@ def compare_command(
             cache_size=cache_size,
             attention_sink=attention_sink,
             memory_tokens=memory_tokens,
+            memory_offset=memory_offset,
             recall_recency=recall_recency,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,

@@ -93,6 +93,15 @@ class HMTConfig:
             "on one old entry for free (it did in our comparison); 0: the paper's recall."
         },
     )
+    memory_offset: bool = field(
+        default=False,
+        metadata={
+            "help": "Add m0 to every memory read from the cache (rmt, hmt), so the read memory is a learned "
+            "constant prompt plus what memory adds and memory_off is the case of memory adding nothing "
+            "(in our comparison that constant prompt alone beat both memory modes on plays); false: the "
+            "paper's read, the memory itself."
+        },
+    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -160,6 +169,8 @@ class HMTConfig:
         self.recall_recency = float(self.recall_recency)
         if not isinstance(self.recall_norm, bool):
             raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
+        if not isinstance(self.memory_offset, bool):
+            raise ValueError(f"memory_offset must be true or false, got {self.memory_offset!r}")
         if not isinstance(self.attention_sink, bool):
             raise ValueError(f"attention_sink must be true or false, got {self.attention_sink!r}")
 

@@ -91,6 +91,7 @@ class HMTForCausalLM(nn.Module):
             self.config.recall_init,
             _sink_init(backbone, embeddings) if self.config.attention_sink else None,
             self.config.memory_tokens,
+            self.config.memory_offset,
         ).to(device=device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
@@ -141,7 +142,7 @@ class HMTForCausalLM(nn.Module):
         """
         fixed = {
             "recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init",
-            "attention_sink", "memory_tokens",
+            "attention_sink", "memory_tokens", "memory_offset",
         }  # fmt: skip
         fixed &= set(changes)
         if fixed:

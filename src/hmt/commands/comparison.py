@@ -45,7 +45,9 @@ ARMS: dict[str, tuple[str, str, str]] = {
 }
 RESULTS_NAME = "comparison.json"
 # Settings added after comparison folders were first written, with the value those folders used.
-SETTINGS_ADDED_LATER: dict[str, Any] = {"memory_tokens": 1, "recall_recency": 0.0, "stage2_reset_every": None}
+SETTINGS_ADDED_LATER: dict[str, Any] = {
+    "memory_tokens": 1, "memory_offset": False, "recall_recency": 0.0, "stage2_reset_every": None,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class CompareRequest:
     cache_size: int = 300
     attention_sink: bool = True
     memory_tokens: int = 1
+    memory_offset: bool = False
     recall_recency: float = 0.0
     stage1_steps: int = 40
     stage2_steps: int = 60
@@ -223,6 +226,7 @@ def _train_once(
                 "cache_size": request.cache_size,
                 "attention_sink": request.attention_sink,
                 "memory_tokens": request.memory_tokens,
+                "memory_offset": request.memory_offset,
                 "recall_recency": request.recall_recency,
             },
             train={
