@@ -87,6 +87,9 @@ def test_segment_perplexities_and_recall_stats():
     stats = recall_stats([torch.zeros(0), torch.tensor([0.2, 0.8]), torch.tensor([0.7, 0.2, 0.1])])
     assert stats.distance_histogram == {1: 1, 3: 1} and stats.segments == 2
     assert stats.mean_max_weight == pytest.approx(0.75)
+    assert stats.oldest_share == pytest.approx(0.5)  # [0.7, 0.2, 0.1]: the oldest of three
+    frozen = recall_stats([torch.tensor([1.0])] + [torch.eye(n)[0] for n in range(2, 6)])
+    assert frozen.oldest_share == 1.0 and frozen.distance_histogram == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,9 @@ class RecallStats:
     mean_entropy: float  # nats; log(cache length) would be uniform
     mean_max_weight: float
     segments: int  # segments that recalled from a non-empty cache
+    # Share of the segments recalling from two or more entries whose strongest weight was on the oldest
+    # entry held: near 1 when recall has frozen on the stream's first memory.
+    oldest_share: float = 0.0
 
 
 @dataclass
@@ -196,13 +199,15 @@ def segment_perplexities(
 def recall_stats(weights: list[torch.Tensor]) -> RecallStats:
     """Summarise per-segment recall weights (each (cache_len,), newest memory last)."""
     distances: Counter[int] = Counter()
-    entropies, maxima = [], []
+    entropies, maxima, on_oldest = [], [], []
     for w in weights:
         w = w.float().cpu()
         if w.numel() == 0 or float(w.sum()) == 0:
             continue
         strongest = int(w.argmax())
         distances[w.numel() - strongest] += 1
+        if w.numel() > 1:
+            on_oldest.append(strongest == 0)
         entropies.append(float(-(w * w.clamp_min(1e-30).log()).sum()))
         maxima.append(float(w.max()))
     count = len(entropies)
@@ -211,6 +216,7 @@ def recall_stats(weights: list[torch.Tensor]) -> RecallStats:
         mean_entropy=sum(entropies) / count if count else 0.0,
         mean_max_weight=sum(maxima) / count if count else 0.0,
         segments=count,
+        oldest_share=sum(on_oldest) / len(on_oldest) if on_oldest else 0.0,
     )
 
 
