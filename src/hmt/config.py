@@ -98,8 +98,8 @@ class HMTConfig:
         metadata={
             "help": "Add m0 to every memory read from the cache (rmt, hmt), so the read memory is a learned "
             "constant prompt plus what memory adds and memory_off is the case of memory adding nothing "
-            "(in our comparison that constant prompt alone beat both memory modes on plays); false: the "
-            "paper's read, the memory itself."
+            "(in our comparison that constant prompt alone beat both memory modes on plays, but hmt with "
+            "the offset did not keep that gain); false: the paper's read, the memory itself."
         },
     )
     attention_sink: bool = field(
