@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from hmt.commands.comparison import ARMS, CompareRequest, summarise
+from hmt.commands.comparison import ARMS, SETTINGS_ADDED_LATER, CompareRequest, summarise
 
 
 def compare_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:
@@ -64,7 +64,7 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     # A folder written before --memory-tokens, --memory-offset and --recall-recency existed used one
     # memory token, no offset and no recency prior: it continues as it was.
     settings = json.loads((out / "settings.json").read_text())
-    for added_later in ("memory_tokens", "memory_offset", "recall_recency", "stage2_reset_every"):
+    for added_later in SETTINGS_ADDED_LATER:
         del settings[added_later]
     (out / "settings.json").write_text(json.dumps(settings))
     code, _, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out, "--no-train"))

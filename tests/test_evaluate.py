@@ -90,6 +90,7 @@ def test_segment_perplexities_and_recall_stats():
     assert stats.oldest_share == pytest.approx(0.5)  # [0.7, 0.2, 0.1]: the oldest of three
     frozen = recall_stats([torch.tensor([1.0])] + [torch.eye(n)[0] for n in range(2, 6)])
     assert frozen.oldest_share == 1.0 and frozen.distance_histogram == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+    assert frozen.most_common_distance() == (1, pytest.approx(0.2))  # a tie: no distance is preferred
 
 
 @pytest.mark.parametrize(

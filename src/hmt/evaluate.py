@@ -66,6 +66,11 @@ class RecallStats:
     # entry held: near 1 when recall has frozen on the stream's first memory.
     oldest_share: float = 0.0
 
+    def most_common_distance(self) -> tuple[int, float]:
+        """The distance back recall's strongest weight fell at most often, and its share of segments."""
+        distance, count = max(self.distance_histogram.items(), key=lambda kv: kv[1])
+        return distance, count / self.segments
+
 
 @dataclass
 class ModeResult:

@@ -437,11 +437,10 @@ def memory_diagnostics(model: HMTForCausalLM, out: Any) -> dict[str, Any]:
     if out.recall_weights:
         stats = recall_stats([w[row].detach() for w in out.recall_weights for row in range(w.shape[0])])
         if stats.segments:
-            top = max(stats.distance_histogram.items(), key=lambda kv: kv[1])[0]
             record.update(
                 recall_entropy=stats.mean_entropy,
                 recall_max_weight=stats.mean_max_weight,
-                recall_distance=top,
+                recall_distance=stats.most_common_distance()[0],
             )
     return record
 

@@ -218,11 +218,11 @@ def diagnostics(results: dict[str, ModeResult]) -> list[str]:
             continue
         line = f"{mode}: memory norm {r.memory_norm or 0:.2f} (token embeddings {r.embedding_norm:.2f})"
         if r.recall is not None and r.recall.segments:
-            top, count = max(r.recall.distance_histogram.items(), key=lambda kv: kv[1])
+            top, share = r.recall.most_common_distance()
             line += (
                 f"; recall entropy {r.recall.mean_entropy:.2f} nats, strongest weight "
                 f"{r.recall.mean_max_weight:.2f}, most often {top} segment(s) back "
-                f"({count / r.recall.segments:.0%} of segments), on the oldest entry held in "
+                f"({share:.0%} of segments), on the oldest entry held in "
                 f"{r.recall.oldest_share:.0%}"
             )
         lines.append(line)
