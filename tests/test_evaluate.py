@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ATOL, random_ids, run_cli, tiny_hmt, word_text
-from hmt.evaluate import EvalConfig, recall_stats, run_eval, segment_perplexities
+from hmt.evaluate import EvalConfig, offset_perplexities, recall_stats, run_eval, segment_perplexities
 
 
 def plain_ppl(backbone, stream: torch.Tensor) -> float:
@@ -35,6 +35,12 @@ def test_all_modes_score_the_same_tokens_and_match_references():
     assert results["hmt"].recall.segments == 6 and results["rmt"].recall is None
     assert results["full"].window == 64 and results["hmt"].window == 8
     assert len(results["hmt"].segment_ppl) == 7
+    # Eighths of an 8-token segment are single positions; their token-weighted mean is the overall NLL.
+    result = results["hmt"]
+    counts = [6, 7, 6, 6, 6, 6, 6, 6]  # 50 = 6 * 8 + 2 positions, position 0 of the stream not scored
+    assert len(result.offset_ppl) == 8 and len(results["full"].offset_ppl) == 8
+    mean_nll = sum(c * math.log(p) for c, p in zip(counts, result.offset_ppl, strict=True)) / 49
+    assert mean_nll == pytest.approx(result.nll, rel=1e-6)
 
 
 def test_call_size_does_not_change_results():
@@ -84,6 +90,12 @@ def test_segment_perplexities_and_recall_stats():
     losses = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0])
     mask = torch.tensor([False, True, True, True, True])
     assert segment_perplexities(losses, mask, 2) == pytest.approx([math.e, math.exp(1.5), math.exp(2.0)])
+    ramp, everywhere = torch.arange(8.0), torch.ones(8, dtype=torch.bool)
+    # 2-token segments, a bin per offset: even positions (mean loss 3), odd ones (4).
+    assert offset_perplexities(ramp, everywhere, 2, bins=2) == pytest.approx([math.exp(3.0), math.exp(4.0)])
+    # 4-token segments in halves: positions 0, 1, 4, 5 (mean 2.5), then 2, 3, 6, 7 (4.5).
+    assert offset_perplexities(ramp, everywhere, 4, bins=2) == pytest.approx([math.exp(2.5), math.exp(4.5)])
+    assert offset_perplexities(ramp, ramp < 2, 4, bins=2)[1] is None  # nothing scored at offsets 2-3
     stats = recall_stats([torch.zeros(0), torch.tensor([0.2, 0.8]), torch.tensor([0.7, 0.2, 0.1])])
     assert stats.distance_histogram == {1: 1, 3: 1} and stats.segments == 2
     assert stats.mean_max_weight == pytest.approx(0.75)
@@ -137,7 +149,14 @@ def test_eval_command_writes_results_and_plots(monkeypatch, capsys, tiny_model_d
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert list(report["modes"]) == ["backbone", "rmt", "hmt", "full"]
     for result in report["modes"].values():
-        assert set(result) >= {"ppl", "tokens_scored", "seconds", "tokens_per_second", "segment_ppl"}
+        assert set(result) >= {
+            "ppl",
+            "tokens_scored",
+            "seconds",
+            "tokens_per_second",
+            "segment_ppl",
+            "offset_ppl",
+        }
         assert result["tokens_scored"] == 299
     assert report["data"]["tokens"] == 300 and report["adapter"] is None
     assert "untrained memory parameters" in report["adapter_note"] and "untrained memory parameters" in out

@@ -82,6 +82,9 @@ class ModeResult:
     seconds: float
     tokens_per_second: float
     segment_ppl: list[float | None]  # per bin of L stream tokens (same bins for every mode)
+    # Per eighth of a segment (positions 0..L/8-1 of every segment, then the next eighth, ...): where in
+    # a segment the loss falls; the first eighth is what the sensory tokens and memory are there for.
+    offset_ppl: list[float | None] = field(default_factory=list)
     recall: RecallStats | None = None
     memory_norm: float | None = None  # mean L2 norm of the cached memories at the end
     embedding_norm: float | None = None  # mean L2 norm of the backbone's token embeddings (the target scale)
@@ -180,6 +183,7 @@ def _score_stream(
         seconds=seconds,
         tokens_per_second=total / seconds,
         segment_ppl=segment_perplexities(token_losses, token_mask, original.segment_length),
+        offset_ppl=offset_perplexities(token_losses, token_mask, original.segment_length),
         recall=recall_stats(weights) if mode == "hmt" else None,
         memory_norm=memory_norm,
         embedding_norm=embedding_norm,
@@ -198,6 +202,23 @@ def segment_perplexities(
         out.append(
             math.exp(float(token_losses[start : start + bin_size][mask].sum()) / count) if count else None
         )
+    return out
+
+
+OFFSET_BINS = 8
+
+
+def offset_perplexities(
+    token_losses: torch.Tensor, token_mask: torch.Tensor, segment_length: int, bins: int = OFFSET_BINS
+) -> list[float | None]:
+    """Perplexity by position within the segment: `bins` equal stretches of the L positions of every
+    segment (positions counted from the stream's start), None for a stretch with nothing scored."""
+    bin_of = torch.arange(token_losses.shape[0]) % segment_length * bins // segment_length
+    out: list[float | None] = []
+    for index in range(bins):
+        mask = token_mask & (bin_of == index)
+        count = int(mask.sum())
+        out.append(math.exp(float(token_losses[mask].sum()) / count) if count else None)
     return out
 
 

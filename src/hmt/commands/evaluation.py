@@ -197,14 +197,26 @@ def build_model(request: EvalRequest, backbone: Backbone) -> tuple[HMTForCausalL
 
 
 def results_table(results: dict[str, ModeResult], adapter_note: str) -> Table:
-    table = Table(title="Perplexity on the same tokens", caption=f"adapter: {adapter_note}")
-    for column in ("mode", "window", "ppl", "vs backbone", "tokens scored", "seconds", "tokens/s"):
+    caption = f"adapter: {adapter_note}\nsegment starts: the first eighth of every segment's positions"
+    table = Table(title="Perplexity on the same tokens", caption=caption)
+    columns = (
+        "mode",
+        "window",
+        "ppl",
+        "vs backbone",
+        "segment starts",
+        "tokens scored",
+        "seconds",
+        "tokens/s",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=column == "mode")
     reference = results.get("backbone")
     for mode, r in results.items():
         relative = f"{100 * (r.ppl / reference.ppl - 1):+.1f}%" if reference else "-"
+        start = f"{r.offset_ppl[0]:.2f}" if r.offset_ppl and r.offset_ppl[0] is not None else "-"
         table.add_row(
-            mode, str(r.window), f"{r.ppl:.2f}", relative, str(r.tokens_scored), f"{r.seconds:.0f}",
+            mode, str(r.window), f"{r.ppl:.2f}", relative, start, str(r.tokens_scored), f"{r.seconds:.0f}",
             f"{r.tokens_per_second:.0f}",
         )  # fmt: skip
     return table
