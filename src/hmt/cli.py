@@ -253,6 +253,9 @@ def train_command(
     memory_offset: Annotated[
         bool | None, typer.Option(help=_config_help("memory_offset") + " Default: off.")
     ] = None,
+    memory_layer: Annotated[
+        int | None, typer.Option(help=_config_help("memory_layer") + " Default: the final hidden state.")
+    ] = None,
     recall_recency: RecallRecencyOpt = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
@@ -285,7 +288,7 @@ def train_command(
     given = dict(locals())
     model_fields = (
         "segment_length", "num_sensory", "cache_size", "summary_length", "memory_norm", "attention_sink",
-        "memory_tokens", "memory_offset", "recall_recency",
+        "memory_tokens", "memory_offset", "memory_layer", "recall_recency",
     )  # fmt: skip
     train_fields = (
         "mode", "unroll", "batch_size", "grad_accum", "streaming", "reset_every", "loss_on", "bptt_depth", "max_steps", "lr",
@@ -372,6 +375,9 @@ def compare_command(
     attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
     memory_tokens: Annotated[int, typer.Option(help=_config_help("memory_tokens"))] = 1,
     memory_offset: Annotated[bool, typer.Option(help=_config_help("memory_offset"))] = False,
+    memory_layer: Annotated[
+        int | None, typer.Option(help=_config_help("memory_layer") + " Default: the final hidden state.")
+    ] = None,
     recall_recency: Annotated[float, typer.Option(help=_config_help("recall_recency"))] = 0.0,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
@@ -418,6 +424,7 @@ def compare_command(
             attention_sink=attention_sink,
             memory_tokens=memory_tokens,
             memory_offset=memory_offset,
+            memory_layer=memory_layer,
             recall_recency=recall_recency,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,

@@ -102,6 +102,15 @@ class HMTConfig:
             "the offset did not keep that gain); false: the paper's read, the memory itself."
         },
     )
+    memory_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Which backbone layer's output a segment writes as its memory: None, the final hidden "
+            "state (after the final norm), as in the paper; i (1 to the number of layers), the residual "
+            "stream after layer i, where a middle layer may hold more of the segment's content than the "
+            "last one, which is shaped for predicting the next token."
+        },
+    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -171,6 +180,8 @@ class HMTConfig:
             raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
         if not isinstance(self.memory_offset, bool):
             raise ValueError(f"memory_offset must be true or false, got {self.memory_offset!r}")
+        if self.memory_layer is not None:
+            _require_int("memory_layer", self.memory_layer, minimum=1)
         if not isinstance(self.attention_sink, bool):
             raise ValueError(f"attention_sink must be true or false, got {self.attention_sink!r}")
 

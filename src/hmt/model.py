@@ -68,6 +68,7 @@ class HMTForCausalLM(nn.Module):
         embedding_dim = embeddings.embedding_dim
         output_dim = head.weight.shape[1]
         _check_positions(backbone, config)
+        _check_memory_layer(backbone, config, output_dim)
         self.backbone = backbone
         self.config = config.replace(
             recall_dim=config.recall_dim or embedding_dim,
@@ -96,7 +97,7 @@ class HMTForCausalLM(nn.Module):
         self.memory.calibrate(*self._measure_norms())
 
     def _measure_norms(self) -> tuple[float, float]:
-        """Mean norms of token embeddings and of (projected) final hidden states, on a fixed probe input."""
+        """Mean norms of token embeddings and of the (projected) hidden states segments write, on a fixed probe input."""
         embeddings = self.backbone.get_input_embeddings()
         length = min(64, context_length(self.backbone.config) or 64)
         step = max(1, embeddings.num_embeddings // length)
@@ -108,13 +109,22 @@ class HMTForCausalLM(nn.Module):
             out = self.backbone(
                 inputs_embeds=inputs,
                 logits_to_keep=torch.zeros_like(ids, dtype=torch.bool),
-                output_hidden_states=[-1],
+                output_hidden_states=[self._write_layer],
                 use_cache=False,
             )
-            hidden = self.memory.project(out.hidden_states[-1])
+            hidden = self.memory.project(out.hidden_states[self._write_layer])
+            if self.config.memory_layer is not None:
+                # A middle layer's first position holds the attention sink's outsized state; the write
+                # slots, at a segment's end, never do.
+                hidden = hidden[:, 1:]
         for module, training in modes.items():  # restore each module's own mode, not one flag for all
             module.training = training
         return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
+
+    @property
+    def _write_layer(self) -> int:
+        """Index into the backbone's hidden states of what a segment writes (-1: the final, normed one)."""
+        return -1 if self.config.memory_layer is None else self.config.memory_layer
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -142,7 +152,7 @@ class HMTForCausalLM(nn.Module):
         """
         fixed = {
             "recall_dim", "embedding_dim", "backbone_type", "memory_norm", "recall_norm", "recall_init",
-            "attention_sink", "memory_tokens", "memory_offset",
+            "attention_sink", "memory_tokens", "memory_offset", "memory_layer",
         }  # fmt: skip
         fixed &= set(changes)
         if fixed:
@@ -283,20 +293,20 @@ class HMTForCausalLM(nn.Module):
             inputs_embeds=inputs,
             attention_mask=None if bool(attention_mask.all()) else attention_mask,
             logits_to_keep=keep,
-            output_hidden_states=[-1] if use_memory else False,
+            output_hidden_states=[self._write_layer] if use_memory else False,
             use_cache=False,
         )
         if not use_memory:
             return out.logits, None
-        final = out.hidden_states[-1]  # (rows, width, output_dim), after the final norm
+        states = out.hidden_states[self._write_layer]  # (rows, width, output_dim)
         # The write slots: the last r positions of each row.
         write_positions = (
             lengths[:, None]
             - self.config.memory_tokens
-            + torch.arange(self.config.memory_tokens, device=final.device)
+            + torch.arange(self.config.memory_tokens, device=states.device)
         )
-        row_index = torch.arange(len(rows), device=final.device)[:, None]
-        written_rows = self.memory.to_memory(final[row_index, write_positions])  # (rows, r * d)
+        row_index = torch.arange(len(rows), device=states.device)[:, None]
+        written_rows = self.memory.to_memory(states[row_index, write_positions])  # (rows, r * d)
         written = written_rows.new_zeros(seg_ids.shape[0], self.memory_width)
         written = written.index_put((torch.tensor(rows, device=written.device),), written_rows)
         return out.logits, written
@@ -643,6 +653,24 @@ def _sink_init(backbone: PreTrainedModel, embeddings: nn.Embedding) -> torch.Ten
     index = bos if isinstance(bos, int) and 0 <= bos < embeddings.num_embeddings else 0
     with torch.no_grad():
         return embeddings(torch.tensor([index], device=embeddings.weight.device))[0].float()
+
+
+def _check_memory_layer(backbone: PreTrainedModel, config: HMTConfig, output_dim: int) -> None:
+    """Refuse a memory_layer the backbone does not have, or whose states are not as wide as its output."""
+    if config.memory_layer is None:
+        return
+    layers = getattr(backbone.config, "num_hidden_layers", None)
+    if isinstance(layers, int) and config.memory_layer > layers:
+        raise ValueError(
+            f"memory_layer = {config.memory_layer}, but the backbone has {layers} layers; "
+            f"give 1 to {layers}, or none for the final hidden state"
+        )
+    width = getattr(backbone.config, "hidden_size", output_dim)
+    if width != output_dim:
+        raise ValueError(
+            f"memory_layer needs layer outputs as wide as the final hidden state, but this backbone's "
+            f"layers are {width} wide and its output {output_dim}; leave memory_layer unset"
+        )
 
 
 def _check_positions(backbone: PreTrainedModel, config: HMTConfig) -> None:

@@ -46,7 +46,8 @@ ARMS: dict[str, tuple[str, str, str]] = {
 RESULTS_NAME = "comparison.json"
 # Settings added after comparison folders were first written, with the value those folders used.
 SETTINGS_ADDED_LATER: dict[str, Any] = {
-    "memory_tokens": 1, "memory_offset": False, "recall_recency": 0.0, "stage2_reset_every": None,
+    "memory_tokens": 1, "memory_offset": False, "memory_layer": None, "recall_recency": 0.0,
+    "stage2_reset_every": None,
 }  # fmt: skip
 
 
@@ -63,6 +64,7 @@ class CompareRequest:
     attention_sink: bool = True
     memory_tokens: int = 1
     memory_offset: bool = False
+    memory_layer: int | None = None
     recall_recency: float = 0.0
     stage1_steps: int = 40
     stage2_steps: int = 60
@@ -227,6 +229,7 @@ def _train_once(
                 "attention_sink": request.attention_sink,
                 "memory_tokens": request.memory_tokens,
                 "memory_offset": request.memory_offset,
+                "memory_layer": request.memory_layer,
                 "recall_recency": request.recall_recency,
             },
             train={
