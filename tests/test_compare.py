@@ -31,7 +31,7 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert {arm: r["training"]["tokens"] for arm, r in runs.items()} == dict.fromkeys(ARMS, expected_tokens)
     data = str(corpus)
     for arm, r in runs.items():
-        variants = set(r["eval"][data]) - {"carried_recall", "reset_recall"}
+        variants = {key for key in r["eval"][data] if "_" not in key}  # not carried_recall, carried_starts
         assert variants == ({"carried", "reset"} if arm in ("rmt", "hmt") else {"carried"}), arm
         trained = json.loads((out / "seed-0" / arm / "summary.json").read_text())["train_config"]
         assert trained["mode"] == ARMS[arm][1] and trained["streaming"] and trained["max_steps"] == 2
@@ -45,6 +45,8 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     assert len(scored) == 1
     assert report["summary"]["sliding/carried"][data]["gap_closed"] == pytest.approx(0.0)
     assert "untouched backbone, full context" in (out / "comparison.md").read_text()
+    assert set(report["summary"]["hmt/reset"][data]) >= {"ppl", "segment_starts"}
+    assert "· starts " in (out / "comparison.md").read_text()
 
     # Run again: everything is kept, nothing retrained; other settings in the same folder are refused.
     code, stdout, err = run_cli(monkeypatch, capsys, *compare_args(tiny_model_dir, corpus, out))
@@ -78,6 +80,9 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     args = compare_args(tiny_model_dir, corpus, out, "--memory-offset")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (memory_offset)" in err
+    args = compare_args(tiny_model_dir, corpus, out, "--memory-layer", "1")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (memory_layer)" in err
     args = compare_args(tiny_model_dir, corpus, out, "--stage2-reset-every", "8")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (stage2_reset_every)" in err
@@ -90,11 +95,15 @@ def test_summary_averages_seeds_and_measures_the_gap_closed():
             "hmt": {"eval": {"t": {"carried": hmt, "reset": hmt + 1}}},
         }
 
-    summary = summarise({"0": run(30.0, 26.0), "1": run(32.0, 28.0)}, {"t": 21.0}, ("t",))
+    runs = {"0": run(30.0, 26.0), "1": run(32.0, 28.0)}
+    runs["0"]["hmt"]["eval"]["t"] |= {"carried_starts": 40.0, "reset_starts": 45.0}
+    runs["1"]["hmt"]["eval"]["t"] |= {"carried_starts": 42.0}  # seed 1's reset run predates them
+    summary = summarise(runs, {"t": 21.0}, ("t",))
     assert summary["hmt/carried"]["t"] == pytest.approx(
-        {"ppl": 27.0, "spread": 2.0, "seeds": 2, "gap_closed": 0.4}
+        {"ppl": 27.0, "spread": 2.0, "seeds": 2, "gap_closed": 0.4, "segment_starts": 41.0}
     )
     assert summary["hmt/reset"]["t"]["ppl"] == pytest.approx(28.0)
+    assert "segment_starts" not in summary["hmt/reset"]["t"]  # one seed's would pass for the mean
 
 
 @pytest.mark.parametrize(

@@ -266,6 +266,9 @@ def _evaluate_arm(
             report = _eval_once(request, folder, (mode,), data, adapter, reset_every, console)
             result = report["modes"][mode]
             out.setdefault(data, {})[variant] = result["ppl"]
+            starts = (result.get("offset_ppl") or [None])[0]  # absent in results written before it
+            if starts is not None:
+                out[data][f"{variant}_starts"] = starts
             if result.get("recall"):
                 out[data][f"{variant}_recall"] = result["recall"]
     return out
@@ -319,8 +322,9 @@ def _eval_once(
 def summarise(
     runs: dict[str, dict[str, Any]], reference: dict[str, float], eval_data: tuple[str, ...]
 ) -> dict[str, Any]:
-    """Per arm and corpus: mean perplexity over seeds, its spread (max - min), and the share of the gap
-    between the sliding window and the full-context backbone that the arm closes."""
+    """Per arm and corpus: mean perplexity over seeds, its spread (max - min), the share of the gap
+    between the sliding window and the full-context backbone that the arm closes, and the mean
+    perplexity at segment starts (the first eighth of a segment's positions) where every seed has it."""
     arms = sorted({arm for seed_runs in runs.values() for arm in seed_runs}, key=list(ARMS).index)
     out: dict[str, Any] = {}
     for arm in arms:
@@ -338,6 +342,13 @@ def summarise(
                         "spread": max(values) - min(values),
                         "seeds": len(values),
                     }
+                    starts = [
+                        r[arm]["eval"][data][f"{variant}_starts"]
+                        for r in runs.values()
+                        if arm in r and f"{variant}_starts" in r[arm]["eval"].get(data, {})
+                    ]
+                    if len(starts) == len(values):  # every seed's, or the mean would mix seeds
+                        entry[data]["segment_starts"] = statistics.fmean(starts)
     for data in eval_data:
         sliding = out.get("sliding/carried", {}).get(data)
         if sliding is None:
@@ -362,6 +373,8 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
             text = f"{e['ppl']:.2f}" + (f" ± {e['spread'] / 2:.2f}" if e["seeds"] > 1 else "")
             if "gap_closed" in e:
                 text += f" ({100 * e['gap_closed']:+.0f}%)"
+            if "segment_starts" in e:
+                text += f" · starts {e['segment_starts']:.2f}"
             cells.append(text)
         arm, variant = name.split("/")
         reset = report["settings"]["stage2_unroll"]
@@ -376,7 +389,8 @@ def comparison_table(report: dict[str, Any]) -> Table:
     table = Table(
         title="Held-out perplexity, every arm trained on the same tokens",
         caption=f"{settings['tokens_per_arm']:,} training tokens per arm · seeds {settings['seeds']} · "
-        "mean ± half the spread over seeds (share of the sliding → full-context gap closed)",
+        "mean ± half the spread over seeds (share of the sliding → full-context gap closed) · starts: "
+        "perplexity on the first eighth of every segment's positions",
     )
     table.add_column("arm", no_wrap=True)
     for data in settings["eval_data"]:
