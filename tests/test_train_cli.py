@@ -63,6 +63,17 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
     assert run_cli(monkeypatch, capsys, *longer)[0] == 0
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert (run / "train_log.jsonl").read_text().startswith(log_before) and steps[-1] == 4
+    # A model setting missing on one side is its default: runs recorded before a setting existed resume
+    # (here the record names the default explicitly and the command leaves it out); a real change does not.
+    record = json.loads((run / "run.json").read_text())
+    record["request"]["model"]["memory_layer"] = None
+    (run / "run.json").write_text(json.dumps(record))
+    more = train_args(tiny_model_dir, corpus, run, "--mode", "hmt", "--max-steps", "5", "--resume")
+    assert run_cli(monkeypatch, capsys, *more)[0] == 0
+    record["request"]["model"]["memory_layer"] = 1
+    (run / "run.json").write_text(json.dumps(record))
+    code, _, err = run_cli(monkeypatch, capsys, *more)
+    assert code == 1 and "memory_layer: 1 then, None now" in err
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "none", "--mode",
                                                             "hmt", "--resume"))  # fmt: skip
     assert code == 1 and "nothing to resume" in err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,11 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         if key == "train":
             out += _differences(before.get(key) or {}, now.get(key) or {})
+        elif (
+            key == "model"
+        ):  # a setting missing from either side is HMTConfig's default (older runs lack newer ones)
+            defaults = {f.name: f.default for f in fields(HMTConfig)}
+            out += _differences(defaults | (before.get(key) or {}), defaults | (now.get(key) or {}))
         elif before.get(key) != now.get(key):
             out.append(f"{key}: {before.get(key)!r} then, {now.get(key)!r} now")
     return out
