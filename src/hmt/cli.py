@@ -72,6 +72,9 @@ NumSensoryOpt = Annotated[int | None, typer.Option(help=_config_help("num_sensor
 CacheSizeOpt = Annotated[int | None, typer.Option(help=_config_help("cache_size") + " Default: 300.")]
 SummaryLengthOpt = Annotated[int | None, typer.Option(help=_config_help("summary_length"))]
 MemoryTokensOpt = Annotated[int | None, typer.Option(help=_config_help("memory_tokens") + " Default: 1.")]
+MemoryLayerOpt = Annotated[
+    int | None, typer.Option(help=_config_help("memory_layer") + " Default: the final hidden state.")
+]
 RecallRecencyOpt = Annotated[float | None, typer.Option(help=_config_help("recall_recency") + " Default: 0.")]
 
 
@@ -253,9 +256,7 @@ def train_command(
     memory_offset: Annotated[
         bool | None, typer.Option(help=_config_help("memory_offset") + " Default: off.")
     ] = None,
-    memory_layer: Annotated[
-        int | None, typer.Option(help=_config_help("memory_layer") + " Default: the final hidden state.")
-    ] = None,
+    memory_layer: MemoryLayerOpt = None,
     recall_recency: RecallRecencyOpt = None,
     mode: Annotated[str | None, typer.Option(help=_train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=_train_help("unroll"))] = None,
@@ -375,9 +376,7 @@ def compare_command(
     attention_sink: Annotated[bool, typer.Option(help=_config_help("attention_sink"))] = True,
     memory_tokens: Annotated[int, typer.Option(help=_config_help("memory_tokens"))] = 1,
     memory_offset: Annotated[bool, typer.Option(help=_config_help("memory_offset"))] = False,
-    memory_layer: Annotated[
-        int | None, typer.Option(help=_config_help("memory_layer") + " Default: the final hidden state.")
-    ] = None,
+    memory_layer: MemoryLayerOpt = None,
     recall_recency: Annotated[float, typer.Option(help=_config_help("recall_recency"))] = 0.0,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[

@@ -195,14 +195,9 @@ def segment_perplexities(
     token_losses: torch.Tensor, token_mask: torch.Tensor, bin_size: int
 ) -> list[float | None]:
     """Perplexity per consecutive bin of `bin_size` positions (None for a bin with nothing scored)."""
-    out: list[float | None] = []
-    for start in range(0, token_losses.shape[0], bin_size):
-        mask = token_mask[start : start + bin_size]
-        count = int(mask.sum())
-        out.append(
-            math.exp(float(token_losses[start : start + bin_size][mask].sum()) / count) if count else None
-        )
-    return out
+    positions = torch.arange(token_losses.shape[0], device=token_losses.device)
+    bins = math.ceil(token_losses.shape[0] / bin_size)
+    return _group_perplexities(token_losses, token_mask, positions // bin_size, bins)
 
 
 OFFSET_BINS = 8
@@ -213,13 +208,20 @@ def offset_perplexities(
 ) -> list[float | None]:
     """Perplexity by position within the segment: `bins` equal stretches of the L positions of every
     segment (positions counted from the stream's start), None for a stretch with nothing scored."""
-    bin_of = torch.arange(token_losses.shape[0]) % segment_length * bins // segment_length
-    out: list[float | None] = []
-    for index in range(bins):
-        mask = token_mask & (bin_of == index)
-        count = int(mask.sum())
-        out.append(math.exp(float(token_losses[mask].sum()) / count) if count else None)
-    return out
+    positions = torch.arange(token_losses.shape[0], device=token_losses.device)
+    group = positions % segment_length * bins // segment_length
+    return _group_perplexities(token_losses, token_mask, group, bins)
+
+
+def _group_perplexities(
+    token_losses: torch.Tensor, token_mask: torch.Tensor, group: torch.Tensor, groups: int
+) -> list[float | None]:
+    """Perplexity of the scored positions in each group 0..groups-1 (None for a group with none scored)."""
+    losses = torch.zeros(groups, device=token_losses.device).index_add_(
+        0, group[token_mask], token_losses[token_mask].float()
+    )
+    counts = torch.bincount(group[token_mask], minlength=groups)
+    return [math.exp(float(loss) / int(n)) if n else None for loss, n in zip(losses, counts, strict=True)]
 
 
 def recall_stats(weights: list[torch.Tensor]) -> RecallStats:

@@ -121,12 +121,12 @@ class HMTForCausalLM(nn.Module):
             module.training = training
         return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
 
+    # ---- properties -------------------------------------------------------------------------
+
     @property
     def _write_layer(self) -> int:
         """Index into the backbone's hidden states of what a segment writes (-1: the final, normed one)."""
         return -1 if self.config.memory_layer is None else self.config.memory_layer
-
-    # ---- properties -------------------------------------------------------------------------
 
     @property
     def embedding_dim(self) -> int:

@@ -330,25 +330,23 @@ def summarise(
     for arm in arms:
         for variant in ("carried", "reset"):
             for data in eval_data:
-                values = [
-                    r[arm]["eval"][data][variant]
+                scored = [
+                    r[arm]["eval"][data]
                     for r in runs.values()
                     if arm in r and variant in r[arm]["eval"].get(data, {})
                 ]
-                if values:
-                    entry = out.setdefault(f"{arm}/{variant}", {})
-                    entry[data] = {
-                        "ppl": statistics.fmean(values),
-                        "spread": max(values) - min(values),
-                        "seeds": len(values),
-                    }
-                    starts = [
-                        r[arm]["eval"][data][f"{variant}_starts"]
-                        for r in runs.values()
-                        if arm in r and f"{variant}_starts" in r[arm]["eval"].get(data, {})
-                    ]
-                    if len(starts) == len(values):  # every seed's, or the mean would mix seeds
-                        entry[data]["segment_starts"] = statistics.fmean(starts)
+                if not scored:
+                    continue
+                values = [e[variant] for e in scored]
+                entry = out.setdefault(f"{arm}/{variant}", {})
+                entry[data] = {
+                    "ppl": statistics.fmean(values),
+                    "spread": max(values) - min(values),
+                    "seeds": len(values),
+                }
+                starts = [e[f"{variant}_starts"] for e in scored if f"{variant}_starts" in e]
+                if len(starts) == len(values):  # every seed's, or the mean would mix seeds
+                    entry[data]["segment_starts"] = statistics.fmean(starts)
     for data in eval_data:
         sliding = out.get("sliding/carried", {}).get(data)
         if sliding is None:

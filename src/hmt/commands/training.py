@@ -198,9 +198,8 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         if key == "train":
             out += _differences(before.get(key) or {}, now.get(key) or {})
-        elif (
-            key == "model"
-        ):  # a setting missing from either side is HMTConfig's default (older runs lack newer ones)
+        elif key == "model":
+            # A setting missing on either side is HMTConfig's default: older runs lack newer settings.
             defaults = {f.name: f.default for f in fields(HMTConfig)}
             out += _differences(defaults | (before.get(key) or {}), defaults | (now.get(key) or {}))
         elif before.get(key) != now.get(key):
