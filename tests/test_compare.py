@@ -86,6 +86,9 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     args = compare_args(tiny_model_dir, corpus, out, "--stage2-reset-every", "8")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 1 and "other settings (stage2_reset_every)" in err
+    args = compare_args(tiny_model_dir, corpus, out, "--distill-weight", "1")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "other settings (distill_weight)" in err
 
 
 def test_summary_averages_seeds_and_measures_the_gap_closed():
@@ -115,6 +118,8 @@ def test_summary_averages_seeds_and_measures_the_gap_closed():
         ({"recall_recency": -1.0}, "recall-recency"),
         ({"stage2_reset_every": 0}, "stage2-reset-every"),
         ({"recall_recency": float("nan")}, "recall-recency"),
+        ({"distill_weight": -1.0}, "distill-weight"),
+        ({"distill_context": 0}, "distill-context"),
     ],
 )
 def test_bad_requests(tmp_path, kwargs, message):
@@ -141,15 +146,23 @@ def test_frozen_backbone_scores_the_parameterless_arms_untrained(
     assert set(json.loads((out / "comparison.json").read_text())["runs"]["0"]) == {"sliding", "memory_off"}
 
 
-def test_stage2_reset_reaches_the_streaming_stage_only(monkeypatch, tmp_path):
+def test_stage2_reset_reaches_the_streaming_stage_only_and_distillation_both(monkeypatch, tmp_path):
     from rich.console import Console
 
     from hmt.commands import comparison
 
     requests = []
     monkeypatch.setattr(comparison, "run_train_command", lambda request, console: requests.append(request))
-    request = CompareRequest(out=tmp_path, stage2_reset_every=64, memory_offset=True)
+    request = CompareRequest(
+        out=tmp_path, stage2_reset_every=64, memory_offset=True, distill_weight=0.5, distill_positions=32
+    )
     for streaming in (False, True):
         comparison._train_once(request, tmp_path / str(streaming), "hmt", 4, 2, 0, None, streaming, Console())
     assert [r.train["reset_every"] for r in requests] == [None, 64]
     assert all(r.model["memory_offset"] is True for r in requests)  # a model setting: both stages
+    # Distillation, like the data and the steps, is the same in both stages (and every arm).
+    assert all(
+        (r.train["distill_weight"], r.train["distill_context"], r.train["distill_positions"])
+        == (0.5, 768, 32)
+        for r in requests
+    )

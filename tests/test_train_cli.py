@@ -33,12 +33,19 @@ def test_two_stages_then_eval(monkeypatch, capsys, tiny_model_dir, corpus, tmp_p
     assert (one / "final" / "adapter_config.json").is_file()  # LoRA by default
     code, _, err = run_cli(
         monkeypatch, capsys, *train_args(tiny_model_dir, corpus, two, "--stage", "2", "--init-from", str(one),
-                                         "--max-steps", "2", "--streaming", "--reset-every", "4"),
+                                         "--max-steps", "2", "--streaming", "--reset-every", "4",
+                                         "--distill-weight", "0.5", "--distill-context", "20"),
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads((two / "summary.json").read_text())
     assert summary["train_config"]["mode"] == "hmt" and summary["train_config"]["streaming"]
     assert summary["train_config"]["reset_every"] == 4
+    assert (summary["train_config"]["distill_weight"], summary["train_config"]["distill_context"]) == (
+        0.5,
+        20,
+    )
+    log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
+    assert all(record["distill_kl"] > 0 for record in log if "loss" in record)
     code, _, err = run_cli(
         monkeypatch, capsys, "eval", "--backbone", str(tiny_model_dir), "--adapter", str(two / "final"),
         "--data", str(corpus), "--split", "test", "--max-tokens", "100", "--modes", "hmt,backbone",

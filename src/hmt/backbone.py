@@ -7,6 +7,7 @@ take about a second instead of fifteen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,18 @@ def context_length(model_config: Any) -> int | None:
     return getattr(model_config, "max_position_embeddings", None) or getattr(
         model_config, "n_positions", None
     )
+
+
+@contextlib.contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """Run `module` without dropout, then give every submodule back its own mode (not one flag for all)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def default_cache_dir() -> Path:

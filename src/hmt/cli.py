@@ -265,6 +265,9 @@ def train_command(
     streaming: Annotated[bool | None, typer.Option(help=_train_help("streaming"))] = None,
     reset_every: Annotated[int | None, typer.Option(help=_train_help("reset_every"))] = None,
     loss_on: Annotated[str | None, typer.Option(help=_train_help("loss_on"))] = None,
+    distill_weight: Annotated[float | None, typer.Option(help=_train_help("distill_weight"))] = None,
+    distill_context: Annotated[int | None, typer.Option(help=_train_help("distill_context"))] = None,
+    distill_positions: Annotated[int | None, typer.Option(help=_train_help("distill_positions"))] = None,
     bptt_depth: Annotated[int | None, typer.Option(help=_train_help("bptt_depth"))] = None,
     max_steps: Annotated[int | None, typer.Option(help=_train_help("max_steps"))] = None,
     lr: Annotated[float | None, typer.Option(help=_train_help("lr"))] = None,
@@ -292,7 +295,8 @@ def train_command(
         "memory_tokens", "memory_offset", "memory_layer", "recall_recency",
     )  # fmt: skip
     train_fields = (
-        "mode", "unroll", "batch_size", "grad_accum", "streaming", "reset_every", "loss_on", "bptt_depth", "max_steps", "lr",
+        "mode", "unroll", "batch_size", "grad_accum", "streaming", "reset_every", "loss_on", "distill_weight",
+        "distill_context", "distill_positions", "bptt_depth", "max_steps", "lr",
         "memory_lr", "weight_decay", "warmup_steps", "decay_every", "decay_factor", "max_grad_norm",
         "gradient_checkpointing", "log_every", "eval_every", "save_every", "keep_checkpoints", "seed",
     )  # fmt: skip
@@ -391,6 +395,12 @@ def compare_command(
             "evaluated have); default: carried through the whole training text."
         ),
     ] = None,
+    distill_weight: Annotated[
+        float,
+        typer.Option(help=_train_help("distill_weight") + " Both stages, every arm (the same teacher)."),
+    ] = 0.0,
+    distill_context: Annotated[int, typer.Option(help=_train_help("distill_context"))] = 768,
+    distill_positions: Annotated[int | None, typer.Option(help=_train_help("distill_positions"))] = None,
     batch_size: Annotated[int, typer.Option(help="Samples (stage 2: lanes) per step.")] = 2,
     lr: Annotated[float, typer.Option(help="Learning rate of LoRA (or the backbone).")] = 1e-4,
     memory_lr: Annotated[float, typer.Option(help="Learning rate of HMT's parameters.")] = 1e-3,
@@ -430,6 +440,9 @@ def compare_command(
             stage1_unroll=stage1_unroll,
             stage2_unroll=stage2_unroll,
             stage2_reset_every=stage2_reset_every,
+            distill_weight=distill_weight,
+            distill_context=distill_context,
+            distill_positions=distill_positions,
             batch_size=batch_size,
             lr=lr,
             memory_lr=memory_lr,

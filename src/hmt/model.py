@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from hmt import __version__
-from hmt.backbone import context_length
+from hmt.backbone import context_length, eval_mode
 from hmt.config import MEMORY_MODES, WRITING_MODES, HMTConfig
 from hmt.finetune import BACKBONE_DIR, has_lora, is_peft_model, load_lora, save_lora
 from hmt.io import ADAPTER_NAME, CONFIG_NAME, load_tensors, save_tensors, write_text_atomic
@@ -102,9 +102,7 @@ class HMTForCausalLM(nn.Module):
         length = min(64, context_length(self.backbone.config) or 64)
         step = max(1, embeddings.num_embeddings // length)
         ids = (torch.arange(length, device=embeddings.weight.device) * step)[None, :]
-        modes = {module: module.training for module in self.backbone.modules()}
-        self.backbone.eval()  # no dropout in the probe
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.backbone):  # no dropout in the probe
             inputs = embeddings(ids)
             out = self.backbone(
                 inputs_embeds=inputs,
@@ -117,8 +115,6 @@ class HMTForCausalLM(nn.Module):
                 # A middle layer's first position holds the attention sink's outsized state; the write
                 # slots, at a segment's end, never do.
                 hidden = hidden[:, 1:]
-        for module, training in modes.items():  # restore each module's own mode, not one flag for all
-            module.training = training
         return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
 
     # ---- properties -------------------------------------------------------------------------

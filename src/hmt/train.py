@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from hmt.config import MODES
+from hmt.distill import distillation_loss
 from hmt.evaluate import EvalConfig, recall_stats, run_eval
 from hmt.io import load_tensors, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
@@ -65,6 +66,25 @@ class TrainConfig:
         default=None,
         metadata={"help": "Cut gradients through memory every this many segments (None: never)."},
     )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of context distillation added to the LM loss: KL from the same model reading "
+            "the training window as one long window after distill_context raw tokens before it (no memory, "
+            "no gradient) to the model as trained. A dense target for what memory should carry; 0: off."
+        },
+    )
+    distill_context: int = field(
+        default=768,
+        metadata={
+            "help": "Raw tokens before each training window the distillation teacher reads (at most "
+            "what the carried memory has read since it was last emptied; none for random windows)."
+        },
+    )
+    distill_positions: int | None = field(
+        default=None,
+        metadata={"help": "Distil only the first this many positions of each segment (None: all)."},
+    )
     max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
     lr: float = field(default=1e-4, metadata={"help": "Learning rate of the backbone or its LoRA weights."})
     memory_lr: float = field(default=1e-3, metadata={"help": "Learning rate of HMT's own parameters."})
@@ -106,6 +126,12 @@ class TrainConfig:
             raise ValueError(f"bptt_depth must be >= 1, got {self.bptt_depth}")
         if self.lr < 0 or self.memory_lr < 0 or self.max_grad_norm < 0:
             raise ValueError("learning rates and max_grad_norm must be >= 0")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_context < 1:
+            raise ValueError(f"distill_context must be >= 1 token, got {self.distill_context}")
+        if self.distill_positions is not None and self.distill_positions < 1:
+            raise ValueError(f"distill_positions must be >= 1 or None (all), got {self.distill_positions}")
 
     def unroll_at(self, step: int) -> int:
         """Segments per sample at an optimizer step (the curriculum)."""
@@ -161,6 +187,9 @@ class Batch:
     input_ids: torch.Tensor  # (batch, window)
     labels: torch.Tensor  # (batch, window), IGNORE_INDEX where not scored
     reset: torch.Tensor  # (batch,) bool: rows starting a new pass (their carried memory is emptied)
+    # (batch, h): the tokens just before the window that the carried memory has read, for a distillation
+    # teacher; None where memory starts empty with every window.
+    history: torch.Tensor | None = None
 
 
 class BatchSource(Protocol):
@@ -196,6 +225,7 @@ class StreamLanes:
 
     A lane that cannot fill the next window starts over from its beginning, with its memory reset; with
     `reset_tokens`, a lane's memory is also reset once it has been carried through that many tokens.
+    Each batch's `history` holds up to `history_tokens` tokens before the window, read since the reset.
     """
 
     streaming = True
@@ -207,6 +237,7 @@ class StreamLanes:
         rank: int = 0,
         world: int = 1,
         reset_tokens: int | None = None,
+        history_tokens: int = 0,
     ) -> None:
         lanes = batch_size * world
         self.lane_length = stream.shape[0] // lanes
@@ -218,6 +249,7 @@ class StreamLanes:
         ]
         self.position = 0  # shared by all lanes: they advance together
         self.reset_tokens = reset_tokens
+        self.history_tokens = history_tokens
         self.carried = 0  # tokens read since the lanes' memory was last emptied
 
     def batch(self, index: int, window: int) -> Batch:
@@ -234,9 +266,11 @@ class StreamLanes:
         if self.position + window > self.lane_length:
             self.position = 0
         ids = torch.stack([lane[self.position : self.position + window] for lane in self.lanes])
+        seen = 0 if reset else min(self.history_tokens, self.carried)
+        history = torch.stack([lane[self.position - seen : self.position] for lane in self.lanes])
         self.position += window
         self.carried = window if reset else self.carried + window
-        return Batch(ids, ids.clone(), torch.full((len(self.lanes),), reset))
+        return Batch(ids, ids.clone(), torch.full((len(self.lanes),), reset), history)
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "carried": self.carried}
@@ -304,6 +338,7 @@ def train(
     log_path = run_dir / "train_log.jsonl"
     history: list[dict[str, Any]] = []
     window_losses: list[float] = []
+    window_kls: list[float] = []
     started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
     out = None
     while step < config.max_steps:
@@ -318,18 +353,27 @@ def train(
             if source.streaming and state is not None and bool(batch.reset.any()):
                 state = state.reset(batch.reset)
             with accelerator.accumulate(wrapped):
+                ids, labels = batch.input_ids.to(accelerator.device), labels.to(accelerator.device)
                 out = wrapped(
-                    batch.input_ids.to(accelerator.device),
-                    labels=labels.to(accelerator.device),
+                    ids,
+                    labels=labels,
                     state=state if source.streaming else None,
                     num_logits=0,
+                    return_logits=config.distill_weight > 0,
                     bptt_depth=config.bptt_depth,
                 )
                 if out.loss is None:
                     raise ValueError(
                         "a training sample had no scored token; check the labels of the data source"
                     )
-                accelerator.backward(out.loss)
+                loss = out.loss
+                if config.distill_weight > 0:
+                    kl = _distill(model, ids, batch.history, labels, out.logits, config)
+                    if kl is not None:
+                        loss = loss + config.distill_weight * kl
+                        window_kls.append(float(kl.detach()))
+                    out["logits"] = None  # (batch, window, vocab): not kept past this step
+                accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(
@@ -355,9 +399,10 @@ def train(
                 "tokens_per_second": interval_tokens / max(now - interval_start, 1e-9),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "unroll": config.unroll_at(step - 1),
+                **({"distill_kl": sum(window_kls) / len(window_kls)} if window_kls else {}),
                 **memory_diagnostics(model, out),
             }
-            window_losses, interval_start, interval_tokens = [], now, 0
+            window_losses, window_kls, interval_start, interval_tokens = [], [], now, 0
         if validation is not None and (
             (config.eval_every and step % config.eval_every == 0) or step == config.max_steps
         ):
@@ -381,6 +426,27 @@ def train(
         final_loss=next((r["loss"] for r in reversed(history) if "loss" in r), None),
         validation=final_validation,
         history=history,
+    )
+
+
+def _distill(
+    model: HMTForCausalLM,
+    ids: torch.Tensor,
+    history: torch.Tensor | None,
+    labels: torch.Tensor,
+    student_logits: torch.Tensor,
+    config: TrainConfig,
+) -> torch.Tensor | None:
+    """The distillation term of one micro-batch (see `hmt.distill`)."""
+    history = ids[:, :0] if history is None else history.to(ids.device)
+    return distillation_loss(
+        model.backbone,
+        ids,
+        history,
+        labels,
+        student_logits,
+        model.config.segment_length,
+        config.distill_positions,
     )
 
 

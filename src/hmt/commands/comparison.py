@@ -47,7 +47,7 @@ RESULTS_NAME = "comparison.json"
 # Settings added after comparison folders were first written, with the value those folders used.
 SETTINGS_ADDED_LATER: dict[str, Any] = {
     "memory_tokens": 1, "memory_offset": False, "memory_layer": None, "recall_recency": 0.0,
-    "stage2_reset_every": None,
+    "stage2_reset_every": None, "distill_weight": 0.0, "distill_context": 768, "distill_positions": None,
 }  # fmt: skip
 
 
@@ -71,6 +71,9 @@ class CompareRequest:
     stage1_unroll: int = 2
     stage2_unroll: int = 4
     stage2_reset_every: int | None = None
+    distill_weight: float = 0.0
+    distill_context: int = 768
+    distill_positions: int | None = None
     batch_size: int = 2
     lr: float = 1e-4
     memory_lr: float = 1e-3
@@ -93,6 +96,10 @@ class CompareRequest:
         for option, check in (
             ("recall-recency", lambda: HMTConfig(recall_recency=self.recall_recency)),
             ("stage2-reset-every", lambda: TrainConfig(streaming=True, reset_every=self.stage2_reset_every)),
+            (
+                "distill-weight, --distill-context, --distill-positions",
+                lambda: TrainConfig(**self.distill_settings),
+            ),
         ):
             try:
                 check()
@@ -101,6 +108,14 @@ class CompareRequest:
         for name in ("stage1_steps", "stage2_steps", "stage1_unroll", "stage2_unroll", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def distill_settings(self) -> dict[str, Any]:
+        return {
+            "distill_weight": self.distill_weight,
+            "distill_context": self.distill_context,
+            "distill_positions": self.distill_positions,
+        }
 
     @property
     def tokens_per_arm(self) -> int:
@@ -241,6 +256,7 @@ def _train_once(
                 "reset_every": request.stage2_reset_every if streaming else None,
                 "lr": request.lr,
                 "memory_lr": request.memory_lr,
+                **request.distill_settings,
                 "seed": seed,
                 "eval_every": 0,
                 "save_every": 10,

@@ -91,7 +91,8 @@ def run_train_command(request: TrainRequest, console: Console | None = None) -> 
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.streaming:
         reset_tokens = config.reset_every * model.config.segment_length if config.reset_every else None
-        source = StreamLanes(train_stream, config.batch_size, rank, world, reset_tokens)
+        history = config.distill_context if config.distill_weight > 0 else 0
+        source = StreamLanes(train_stream, config.batch_size, rank, world, reset_tokens, history)
     else:
         source = RandomWindows(train_stream, config.batch_size, config.seed, rank, world)
     source.batch(
