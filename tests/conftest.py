@@ -63,14 +63,14 @@ def tiny_backbone(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch
     return model.to(dtype).eval()
 
 
-def tiny_hmt(arch: str = "llama", seed: int = 0, **config):
-    """An HMTForCausalLM on a tiny backbone; small segments so a few dozen tokens span several.
-
-    The paper's layout (no attention sink) unless asked: many tests pin that layout's slot positions."""
+def tiny_hmt(arch: str = "llama", seed: int = 0, mode: str = "hmt", **config):
+    """An HMTForCausalLM on a tiny backbone, reading in `mode` by default; small segments so a few dozen
+    tokens span several. The paper's layout (no attention sink) unless asked: many tests pin that layout's
+    slot positions."""
     from hmt import HMTConfig, HMTForCausalLM
 
     settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, **config}
-    return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings))
+    return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings), mode=mode)
 
 
 def capture_main_inputs(model) -> list[torch.Tensor]:

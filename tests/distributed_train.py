@@ -8,7 +8,8 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import random_ids, tiny_hmt
-from hmt.train import RandomWindows, TrainConfig, train
+from hmt.data import RandomWindows
+from hmt.train import TrainConfig, train
 
 run_dir = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hmt.benchmark import BenchConfig, PeakMemory
+from hmt.bench import BenchConfig, PeakMemory
 
 
 def test_bench_measures_every_mode_and_length(monkeypatch, capsys, tiny_model_dir, tmp_path):

@@ -11,20 +11,24 @@ from hmt import HMTConfig
 
 def test_defaults_follow_the_method():
     config = HMTConfig()
-    assert (config.segment_length, config.num_sensory, config.mode) == (512, 32, "hmt")
+    assert (config.segment_length, config.num_sensory, config.cache_size) == (512, 32, 300)
     assert config.query_length == 256  # j defaults to L // 2
     assert HMTConfig(segment_length=100, num_sensory=8, summary_length=10).query_length == 10
 
 
-def test_the_attention_sink_is_on_by_default_but_not_for_files_written_before_it_existed():
+def test_the_attention_sink_is_on_by_default():
     assert HMTConfig().attention_sink
-    older = {k: v for k, v in HMTConfig().to_dict().items() if k != "attention_sink"}
-    assert not HMTConfig.from_dict(older).attention_sink
+    assert HMTConfig.from_dict({"segment_length": 64}).attention_sink
+
+
+def test_the_saved_config_holds_no_runtime_choice():
+    saved = HMTConfig().to_dict()
+    assert "mode" not in saved and "query_batch_size" not in saved
 
 
 def test_json_round_trip(tmp_path):
     config = HMTConfig(
-        segment_length=256, num_sensory=16, summary_length=64, cache_size=40, recall_dim=32, mode="rmt"
+        segment_length=256, num_sensory=16, summary_length=64, cache_size=40, recall_dim=32, memory_tokens=2
     )
     assert HMTConfig.from_json(config.to_json()) == config
     path = tmp_path / "c.json"
@@ -52,10 +56,11 @@ def test_unknown_keys_from_a_newer_version_warn_not_fail():
         ({"summary_length": 0}, "summary_length must be >= 1"),
         ({"cache_size": 0}, "cache_size must be >= 1"),
         ({"recall_dim": 0}, "recall_dim must be >= 1"),
-        ({"mode": "lstm"}, "mode must be one of backbone, sliding, memory_off, rmt, hmt"),
+        ({"memory_norm": "l2"}, "memory_norm must be one of learned, match, none"),
+        ({"recall_init": "zeros"}, "recall_init must be one of similarity, independent"),
+        ({"attention_sink": "yes"}, "attention_sink must be true or false"),
         ({"segment_length": 12.5}, "segment_length must be an integer"),
         ({"cache_size": True}, "cache_size must be an integer"),
-        ({"query_batch_size": 0}, "query_batch_size must be >= 1"),
     ],
 )
 def test_invalid_values_name_the_field(changes, message):

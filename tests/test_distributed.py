@@ -29,4 +29,4 @@ def test_two_processes_stay_in_sync(tmp_path):
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(ranks[1]["params"][name], value, atol=0, rtol=0, msg=name)  # in sync
     assert any(not torch.equal(value, start[name].detach()) for name, value in ranks[0]["params"].items())
-    assert (tmp_path / "checkpoints" / "step-0000004" / "rng-1.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step-0000004" / "rng-1.safetensors").is_file()

@@ -185,8 +185,8 @@ def test_eval_with_adapter_and_probes(monkeypatch, capsys, tiny_model_dir, text_
         "40:8",
         "--filler",
         "$",
-        "--recall-recency",
-        "0.5",
+        "--cache-size",
+        "3",
     ]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
@@ -195,7 +195,7 @@ def test_eval_with_adapter_and_probes(monkeypatch, capsys, tiny_model_dir, text_
     assert report["data"]["transforms"]["interleave"]["every"] == 32
     assert report["data"]["transforms"]["dilate"] == {"every": 40, "length": 8, "filler": "$"}
     assert report["modes"]["hmt"]["tokens_scored"] < 299  # filler runs are not scored
-    assert report["config"]["recall_recency"] == 0.5  # a setting the adapter is read with, not a parameter
+    assert report["config"]["cache_size"] == 3  # a setting the adapter is read with, not a parameter
 
 
 @pytest.mark.parametrize(
@@ -229,11 +229,11 @@ def test_adapter_that_does_not_fit(monkeypatch, capsys, tiny_model_dir, text_fil
 
 
 def test_adapter_resolution(tmp_path, monkeypatch):
-    from hmt import adapters
-    from hmt.commands.evaluation import resolve_adapter
+    from hmt import io
+    from hmt.cli.eval import resolve_adapter
 
     assert resolve_adapter(Path("none"), None) is None  # explicit: untrained memory parameters
     assert resolve_adapter(tmp_path, None) == tmp_path
-    monkeypatch.setattr(adapters, "default_adapter", lambda: tmp_path / "shipped")
+    monkeypatch.setattr(io, "shipped_adapter", lambda: tmp_path / "shipped")
     assert resolve_adapter(None, None) == tmp_path / "shipped"  # the default backbone gets its adapter
     assert resolve_adapter(None, "some/other-model") is None  # another backbone does not

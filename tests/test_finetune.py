@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_ids, tiny_backbone
 from hmt import HMTConfig, HMTForCausalLM
-from hmt.finetune import is_peft_model, prepare_backbone
+from hmt.backbone import is_peft_model, prepare_backbone
 
 CONFIG = HMTConfig(segment_length=8, num_sensory=2, cache_size=4)
 

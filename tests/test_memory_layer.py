@@ -52,8 +52,8 @@ def test_calibration_brings_a_middle_layer_to_embedding_scale():
 
 def test_layer_is_tied_to_the_parameters_checked_and_saved(tmp_path):
     model = tiny_hmt("llama", memory_layer=1)
-    with pytest.raises(ValueError, match="memory_layer"):
-        model.reconfigure(memory_layer=2)
+    with pytest.raises(ValueError, match="memory_layer"), model.reading(memory_layer=2):
+        pass
     model.save_pretrained(tmp_path / "adapter")
     loaded = HMTForCausalLM.from_pretrained(tmp_path / "adapter", tiny_backbone("llama", seed=0))
     assert loaded.config.memory_layer == 1

@@ -145,11 +145,13 @@ def test_loss_is_mean_over_scored_tokens_and_labels_are_respected():
 def test_batched_queries_equal_one_query_pass_per_segment(arch):
     model = tiny_hmt(arch, segment_length=8, summary_length=3)
     ids = random_ids(2, 29)
-    packed = model._pack(ids, None, None)
+    from hmt.inputs import pack_inputs
+
+    packed = pack_inputs(ids, None, None, model.vocab_size)
     with torch.no_grad():
-        batched = model._encode_queries(packed, num_steps=4)
-        model.config = model.config.replace(query_batch_size=1)
-        one_by_one = model._encode_queries(packed, num_steps=4)
+        batched = model._query(packed, num_steps=4)
+        model.query_batch_size = 1
+        one_by_one = model._query(packed, num_steps=4)
         embed = model.backbone.get_input_embeddings()
         prompt = model.memory.summary_prompt[None, None, :]
         for row in range(2):
@@ -232,10 +234,12 @@ def test_sliding_mode_rereads_the_previous_k_tokens_without_memory_slots(arch):
     torch.testing.assert_close(out.logits, torch.cat(windows, dim=1), atol=ATOL, rtol=0)
     assert out.recall_weights is None and out.state.memories.shape[1] == 0
     with torch.no_grad():  # with k = 0 it is the windowed backbone
-        model.reconfigure(num_sensory=0)
-        no_sensory = model(ids).token_losses
-        model.reconfigure(mode="backbone")
-        torch.testing.assert_close(no_sensory, model(ids).token_losses, atol=ATOL, rtol=0)
+        with model.reading(num_sensory=0):
+            no_sensory = model(ids).token_losses
+            torch.testing.assert_close(
+                no_sensory, model(ids, mode="backbone").token_losses, atol=ATOL, rtol=0
+            )
+        assert model.config.num_sensory == 3  # the setting is back after the block
 
 
 def test_memory_off_mode_always_reads_m0_and_keeps_no_cache():
@@ -278,8 +282,8 @@ def test_attention_sink_keeps_the_first_position_fixed(tmp_path):
     model.train()
     model(ids).loss.backward()
     assert model.memory.sink.grad is not None and model.memory.sink.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="tied to the parameters"):
-        model.reconfigure(attention_sink=False)
+    with pytest.raises(ValueError, match="tied to the parameters"), model.reading(attention_sink=False):
+        pass
 
 
 def test_memory_changes_predictions_in_memory_modes_only():

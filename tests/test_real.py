@@ -81,7 +81,7 @@ def test_windowed_backbone_reproduces_the_measured_perplexities(smollm):
     from hmt.evaluate import EvalConfig, run_eval
 
     stream = token_stream(load_documents("essays", "all"), smollm.tokenizer, 32768)
-    model = HMTForCausalLM(smollm.model, HMTConfig(segment_length=512, mode="backbone"))
+    model = HMTForCausalLM(smollm.model, HMTConfig(segment_length=512), mode="backbone")
     results = run_eval(model, stream, EvalConfig(modes=("backbone", "full")))
     assert results["backbone"].ppl == pytest.approx(27.30, rel=0.01)
     assert results["full"].ppl == pytest.approx(21.55, rel=0.01)
@@ -91,18 +91,17 @@ def test_shipped_adapter_is_trained_for_the_default_backbone(smollm, cache_dir):
     """The adapter in the package loads on the default backbone and reads held-out essays better than
     the untouched backbone on the same windows (it was trained; a stale or random file would not)."""
     from hmt import HMTConfig, HMTForCausalLM
-    from hmt.adapters import default_adapter
     from hmt.data import load_documents, token_stream
     from hmt.evaluate import EvalConfig, run_eval
+    from hmt.io import shipped_adapter
 
-    path = default_adapter()
+    path = shipped_adapter()
     assert path is not None, "the package ships no adapter for the default backbone"
     stream = token_stream(load_documents("essays", "test"), smollm.tokenizer, 2048)
     config = HMTConfig.from_json_file(path / "hmt_config.json")
-    untouched = HMTForCausalLM(smollm.model, HMTConfig(segment_length=config.segment_length, mode="backbone"))
+    untouched = HMTForCausalLM(smollm.model, HMTConfig(segment_length=config.segment_length), mode="backbone")
     window = run_eval(untouched, stream, EvalConfig(modes=("backbone",)))["backbone"].ppl
-    fresh = load_backbone(None, dtype="fp32", device="cpu", cache_dir=cache_dir)  # LoRA merges into it
-    model = HMTForCausalLM.from_pretrained(path, fresh.model)
-    assert model.config.backbone == "smollm2-135m" and model.config.mode == "hmt"
+    model = HMTForCausalLM.from_pretrained(path, smollm.model)  # its LoRA merges into a copy
+    assert model.config.backbone == "smollm2-135m" and model.backbone is not smollm.model
     trained = run_eval(model, stream, EvalConfig(modes=("hmt",)))["hmt"].ppl
     assert trained < 0.95 * window

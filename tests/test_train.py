@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from conftest import random_ids, tiny_hmt
-from hmt.finetune import prepare_backbone
-from hmt.model import IGNORE_INDEX
+from hmt.backbone import prepare_backbone
+from hmt.checkpoints import checkpoint_dirs
+from hmt.config import IGNORE_INDEX
+from hmt.data import RandomWindows, StreamLanes
 from hmt.train import (
-    RandomWindows,
-    StreamLanes,
     TrainConfig,
     _loss_labels,
-    checkpoint_dirs,
     lr_factor,
     parse_unroll,
     set_trainable_memory,
@@ -136,20 +135,6 @@ def test_stream_lanes_read_in_order_and_start_over():
         StreamLanes(torch.arange(30), batch_size=2).batch(0, 20)
 
 
-def test_stream_lanes_empty_memory_every_reset_tokens_and_keep_reading_in_order():
-    source = StreamLanes(torch.arange(200), batch_size=2, reset_tokens=40)  # lanes [0, 100), [100, 200)
-    batches = [source.batch(i, 20) for i in range(4)]
-    assert [b.input_ids[0, 0].item() for b in batches] == [0, 20, 40, 60]  # the text goes on
-    assert [bool(b.reset.all()) for b in batches] == [True, False, True, False]
-    replay = StreamLanes(torch.arange(200), batch_size=2, reset_tokens=40)
-    replay.load_state_dict(source.state_dict())
-    assert source.batch(4, 20).reset.all() and replay.batch(4, 20).reset.all()
-    with pytest.raises(ValueError, match="reset_every needs streaming"):
-        TrainConfig(reset_every=4)
-    with pytest.raises(ValueError, match="reset_every must be >= 1"):
-        TrainConfig(reset_every=0, streaming=True)
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -249,3 +234,43 @@ def test_gradient_checkpointing_and_bptt_reach_the_model(tmp_path, monkeypatch):
     for name, value in with_bptt.items():  # recomputing activations changes nothing
         torch.testing.assert_close(checkpointed[name], value, atol=1e-5, rtol=0, msg=name)
     assert any(not torch.equal(plain[n], with_bptt[n]) for n in plain)  # the cut changes the gradients
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_is_never_read(tmp_path):
+    stream = random_ids(1, 500)[0]
+    train(tiny_hmt("llama"), RandomWindows(stream, 2, 0), quiet(max_steps=2, save_every=2), tmp_path)
+    folder = checkpoint_dirs(tmp_path)[-1]
+    marker = tmp_path / "code-ran"
+    for name in ("optimizer.pt", "rng-0.pt", "trainable.pt"):  # what older checkpoints held
+        torch.save({"state": _Payload(marker)}, folder / name)
+    train(
+        tiny_hmt("llama"),
+        RandomWindows(stream, 2, 0),
+        quiet(max_steps=4, save_every=2),
+        tmp_path,
+        resume=True,
+    )
+    assert not marker.exists()
+    assert not any(p.suffix == ".pt" for p in checkpoint_dirs(tmp_path)[-1].iterdir())
+
+
+@pytest.mark.parametrize(
+    "name", ["optimizer.safetensors", "optimizer.json", "rng-0.safetensors", "trainer.json"]
+)
+def test_a_truncated_checkpoint_file_is_named(tmp_path, name):
+    stream = random_ids(1, 500)[0]
+    train(tiny_hmt("llama"), RandomWindows(stream, 2, 0), quiet(max_steps=2, save_every=2), tmp_path)
+    path = checkpoint_dirs(tmp_path)[-1] / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        train(tiny_hmt("llama"), RandomWindows(stream, 2, 0), quiet(max_steps=4), tmp_path, resume=True)

@@ -9,16 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["HMTConfig", "HMTForCausalLM", "HMTOutput", "MemoryState", "__version__"]
+__all__ = ["HMTConfig", "HMTForCausalLM", "HMTOutput", "MemoryState", "__version__", "load_backbone"]
 
 _LAZY = {
     "HMTConfig": "hmt.config",
     "HMTForCausalLM": "hmt.model",
     "HMTOutput": "hmt.model",
     "MemoryState": "hmt.memory",
+    "load_backbone": "hmt.backbone",
 }
 
 if TYPE_CHECKING:
+    from hmt.backbone import load_backbone
     from hmt.config import HMTConfig
     from hmt.memory import MemoryState
     from hmt.model import HMTForCausalLM, HMTOutput

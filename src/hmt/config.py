@@ -1,9 +1,13 @@
-"""`HMTConfig`: the settings of an HMT model, validated once, saved as JSON beside the adapter."""
+"""`HMTConfig`: what an HMT adapter is, validated once, saved as JSON beside its weights.
+
+It holds the paper's settings (L, k, j, N), the layout and width choices the weights depend on, and the
+backbone the adapter was made for. How a model is *run* (the mode, how many queries share a backbone
+call) is not here: it is an argument of the call (see `HMTForCausalLM.forward`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +21,12 @@ MEMORY_MODES: tuple[str, ...] = ("memory_off", "rmt", "hmt")
 WRITING_MODES: tuple[str, ...] = ("rmt", "hmt")
 MemoryNorm = Literal["learned", "match", "none"]
 MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
+RECALL_INITS: tuple[str, ...] = ("similarity", "independent")
+IGNORE_INDEX = -100  # a label that is not scored (the transformers convention)
+
+# Settings a model may read with other values than it was built with (`HMTForCausalLM.reading`): they
+# change how text is cut and how much is remembered, not the shape or meaning of any parameter.
+READING_FIELDS: tuple[str, ...] = ("segment_length", "num_sensory", "summary_length", "cache_size")
 
 
 @dataclass
@@ -48,18 +58,18 @@ class HMTConfig:
             "and reads r at both ends; recall mixes whole groups of r. 1 is the paper's single memory token."
         },
     )
+    memory_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Which backbone layer's output a segment writes as its memory: None, the final hidden "
+            "state (after the final norm), as in the paper; i (1 to the number of layers), the residual "
+            "stream after layer i, where a middle layer may hold more of the segment's content than the "
+            "last one, which is shaped for predicting the next token."
+        },
+    )
     recall_dim: int | None = field(
         default=None,
         metadata={"help": "Width of the recall projections W_q, W_k (d_h); the embedding width if unset."},
-    )
-    mode: Mode = field(
-        default="hmt",
-        metadata={
-            "help": "backbone: independent windows, no memory; sliding: windows that also reread the "
-            "previous k tokens (sensory memory only); memory_off: sensory tokens and memory slots that "
-            "always hold the learned m0 (a control); rmt: memory recurrence without recall; "
-            "hmt: sensory, short-term and long-term memory with recall."
-        },
     )
     memory_norm: MemoryNorm = field(
         default="learned",
@@ -85,32 +95,6 @@ class HMTConfig:
             "synthetic task); independent: two random matrices, as in the paper."
         },
     )
-    recall_recency: float = field(
-        default=0.0,
-        metadata={
-            "help": "A fixed recency prior on recall: each cache entry's score loses this many nats per "
-            "segment of its age (0 for the newest), as ALiBi does for attention, so recall cannot settle "
-            "on one old entry for free (it did in our comparison); 0: the paper's recall."
-        },
-    )
-    memory_offset: bool = field(
-        default=False,
-        metadata={
-            "help": "Add m0 to every memory read from the cache (rmt, hmt), so the read memory is a learned "
-            "constant prompt plus what memory adds and memory_off is the case of memory adding nothing "
-            "(in our comparison that constant prompt alone beat both memory modes on plays, but hmt with "
-            "the offset did not keep that gain); false: the paper's read, the memory itself."
-        },
-    )
-    memory_layer: int | None = field(
-        default=None,
-        metadata={
-            "help": "Which backbone layer's output a segment writes as its memory: None, the final hidden "
-            "state (after the final norm), as in the paper; i (1 to the number of layers), the residual "
-            "stream after layer i, where a middle layer may hold more of the segment's content than the "
-            "last one, which is shaped for predicting the next token."
-        },
-    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -118,13 +102,6 @@ class HMTConfig:
             "memory, so the first position, which language models use as an attention sink, stays the same "
             "whatever memory is read (memory in that position hurt in our comparison); false: the paper's "
             "layout, with the memory first."
-        },
-    )
-    query_batch_size: int = field(
-        default=32,
-        metadata={
-            "help": "Segments whose recall queries share one batched backbone call; bounds peak memory "
-            "on long inputs without changing results."
         },
     )
     backbone: str | None = field(
@@ -157,33 +134,15 @@ class HMTConfig:
                 )
         _require_int("cache_size", self.cache_size, minimum=1)
         _require_int("memory_tokens", self.memory_tokens, minimum=1)
-        if self.recall_dim is not None:
-            _require_int("recall_dim", self.recall_dim, minimum=1)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.memory_norm not in MEMORY_NORMS:
-            raise ValueError(
-                f"memory_norm must be one of {', '.join(MEMORY_NORMS)}, got {self.memory_norm!r}"
-            )
-        _require_int("query_batch_size", self.query_batch_size, minimum=1)
-        if self.recall_init not in ("similarity", "independent"):
-            raise ValueError(f"recall_init must be similarity or independent, got {self.recall_init!r}")
-        if (
-            isinstance(self.recall_recency, bool)
-            or not isinstance(self.recall_recency, (int, float))
-            or not math.isfinite(self.recall_recency)
-            or self.recall_recency < 0
-        ):
-            raise ValueError(f"recall_recency must be a number >= 0, got {self.recall_recency!r}")
-        self.recall_recency = float(self.recall_recency)
-        if not isinstance(self.recall_norm, bool):
-            raise ValueError(f"recall_norm must be true or false, got {self.recall_norm!r}")
-        if not isinstance(self.memory_offset, bool):
-            raise ValueError(f"memory_offset must be true or false, got {self.memory_offset!r}")
         if self.memory_layer is not None:
             _require_int("memory_layer", self.memory_layer, minimum=1)
-        if not isinstance(self.attention_sink, bool):
-            raise ValueError(f"attention_sink must be true or false, got {self.attention_sink!r}")
+        if self.recall_dim is not None:
+            _require_int("recall_dim", self.recall_dim, minimum=1)
+        _require_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
+        _require_choice("recall_init", self.recall_init, RECALL_INITS)
+        for name in ("recall_norm", "attention_sink"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def query_length(self) -> int:
@@ -191,7 +150,7 @@ class HMTConfig:
         return self.summary_length or max(1, self.segment_length // 2)
 
     def replace(self, **changes: Any) -> HMTConfig:
-        """A validated copy with some fields changed (e.g. `config.replace(mode="rmt")`)."""
+        """A validated copy with some fields changed (e.g. `config.replace(cache_size=100)`)."""
         return HMTConfig(**{**asdict(self), **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,10 +169,7 @@ class HMTConfig:
                 UserWarning,
                 stacklevel=2,
             )
-        data = {k: v for k, v in data.items() if k in known}
-        # Files written before the option existed used the paper's layout, whatever the default is now.
-        data.setdefault("attention_sink", False)
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -245,6 +201,17 @@ class HMTConfig:
             if f.name == name:
                 return f.metadata["help"]
         raise KeyError(name)
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it is one of MODES, else a ValueError listing them."""
+    _require_choice("mode", mode, MODES)
+    return mode
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

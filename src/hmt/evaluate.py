@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 from hmt.backbone import context_length
-from hmt.config import WRITING_MODES
+from hmt.config import IGNORE_INDEX, WRITING_MODES
 from hmt.io import write_text_atomic
-from hmt.model import IGNORE_INDEX, HMTForCausalLM
+from hmt.model import HMTForCausalLM
 
 EVAL_MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt", "full")
+# Rows that read no HMT parameter: what a user would run instead of HMT.
+BASELINE_MODES: tuple[str, ...] = ("backbone", "full")
 
 Progress = Callable[[str, int, int], None]  # (mode, tokens done, tokens in all)
 
@@ -88,11 +90,15 @@ class ModeResult:
     recall: RecallStats | None = None
     memory_norm: float | None = None  # mean L2 norm of the cached memories at the end
     embedding_norm: float | None = None  # mean L2 norm of the backbone's token embeddings (the target scale)
+    # Which weights read this row: "model" (with the adapter's LoRA, if any) or "reference" (run_eval's).
+    weights: str = "model"
     token_losses: torch.Tensor | None = field(default=None, repr=False)  # (stream_len,), for further analysis
+    token_mask: torch.Tensor | None = field(default=None, repr=False)  # (stream_len,) bool: scored tokens
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("token_losses")
+        data.pop("token_mask")
         return data
 
 
@@ -102,10 +108,13 @@ def run_eval(
     config: EvalConfig | None = None,
     score_mask: torch.Tensor | None = None,
     progress: Progress | None = None,
+    reference: HMTForCausalLM | None = None,
 ) -> dict[str, ModeResult]:
     """Score `stream` (1-D token ids) under each mode; positions where `score_mask` is False are not scored.
 
-    The model's memory parameters serve every memory mode; its config is restored afterwards.
+    The model's memory parameters serve every memory mode. `reference`, if given, reads the `backbone`
+    and `full` rows instead (e.g. the untouched backbone, when the model's carries an adapter's LoRA).
+    Neither model's settings change.
     """
     config = config or EvalConfig()
     stream = _check_stream(stream, model)
@@ -114,26 +123,29 @@ def run_eval(
         if score_mask.shape != stream.shape:
             raise ValueError(f"score_mask shape {tuple(score_mask.shape)} does not match the stream's")
         labels[~score_mask.to(stream.device)] = IGNORE_INDEX
-    original = model.config
     results: dict[str, ModeResult] = {}
-    try:
-        for mode in config.modes:
-            window = _configure(model, mode, config, original)
-            results[mode] = _score_stream(model, stream, labels, mode, window, config, original, progress)
-    finally:
-        model.config = original
+    for mode in config.modes:
+        reader = reference if reference is not None and mode in BASELINE_MODES else model
+        if mode == "full":
+            window = config.full_window or _max_positions(reader)
+            with reader.reading(segment_length=window, num_sensory=0, summary_length=None):
+                result = _score_stream(reader, stream, labels, "backbone", window, None, progress, mode)
+        else:
+            reset = config.reset_every if mode in WRITING_MODES else None
+            chunk = model.config.segment_length * (reset or config.segments_per_call)
+            result = _score_stream(reader, stream, labels, mode, chunk, reset, progress, mode)
+        results[mode] = replace(
+            result,
+            weights="reference" if reader is reference else "model",
+            segment_ppl=segment_perplexities(
+                result.token_losses, result.token_mask, model.config.segment_length
+            ),
+            offset_ppl=offset_perplexities(
+                result.token_losses, result.token_mask, model.config.segment_length
+            ),
+        )
     _check_same_tokens(results)
     return results
-
-
-def _configure(model: HMTForCausalLM, mode: str, config: EvalConfig, original) -> int:
-    if mode == "full":
-        window = config.full_window or _max_positions(model)
-        model.reconfigure(mode="backbone", segment_length=window, num_sensory=0, summary_length=None)
-        return window
-    model.config = original
-    model.reconfigure(mode=mode)
-    return original.segment_length
 
 
 def _score_stream(
@@ -141,30 +153,30 @@ def _score_stream(
     stream: torch.Tensor,
     labels: torch.Tensor,
     mode: str,
-    window: int,
-    config: EvalConfig,
-    original,
+    chunk: int,
+    reset: int | None,
     progress: Progress | None,
+    name: str,
 ) -> ModeResult:
-    reset = config.reset_every if mode in WRITING_MODES else None
-    chunk = window if mode == "full" else window * (reset or config.segments_per_call)
+    """Read the stream in calls of `chunk` tokens, the state carried (emptied of memories every call when
+    `reset`); `name` is the row's mode as reported."""
     total = stream.shape[0]
     state, losses, masks, weights = None, [], [], []
     if progress is not None:
-        progress(mode, 0, total)
+        progress(name, 0, total)
     started = time.perf_counter()
     with torch.no_grad():
         for start in range(0, total, chunk):
             if reset and state is not None:
                 state = state.forget()
             ids = stream[None, start : start + chunk]
-            out = model(ids, labels=labels[None, start : start + chunk], state=state, num_logits=0)
+            out = model(ids, labels=labels[None, start : start + chunk], state=state, mode=mode, num_logits=0)
             state = out.state
             losses.append(out.token_losses[0])
             masks.append(out.token_mask[0])
             weights.extend(w[0] for w in out.recall_weights or [])
             if progress is not None:
-                progress(mode, min(start + chunk, total), total)
+                progress(name, min(start + chunk, total), total)
     seconds = time.perf_counter() - started
     token_losses, token_mask = torch.cat(losses).float().cpu(), torch.cat(masks).cpu()
     scored = int(token_mask.sum())
@@ -175,19 +187,19 @@ def _score_stream(
         if state.memory_mask.any():
             memory_norm = model.memory.mean_norm(state.memories[state.memory_mask])
     return ModeResult(
-        mode=mode,
-        window=window,
+        mode=name,
+        window=model.config.segment_length,
         ppl=math.exp(nll),
         nll=nll,
         tokens_scored=scored,
         seconds=seconds,
         tokens_per_second=total / seconds,
-        segment_ppl=segment_perplexities(token_losses, token_mask, original.segment_length),
-        offset_ppl=offset_perplexities(token_losses, token_mask, original.segment_length),
+        segment_ppl=[],
         recall=recall_stats(weights) if mode == "hmt" else None,
         memory_norm=memory_norm,
         embedding_norm=embedding_norm,
         token_losses=token_losses,
+        token_mask=token_mask,
     )
 
 

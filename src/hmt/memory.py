@@ -119,7 +119,47 @@ class MemoryState:
                 f"unexpected {sorted(set(tensors) - names)}"
             )
         state = cls(**tensors)
+        try:
+            state.check_contents()
+        except ValueError as err:
+            raise ValueError(f"{path} is not a usable memory state: {err}") from None
         return state.to(device) if device is not None else state
+
+    def check_contents(self, vocab_size: int | None = None) -> None:
+        """Refuse a state whose tensors disagree in shape or type, hold NaN or infinite memories, or (with
+        `vocab_size`) sensory token ids outside the vocabulary: such a state would read as garbage."""
+        batch = self.segments.shape[0]
+        expected = {
+            "memories": (3, True), "memory_mask": (2, False), "sensory_ids": (2, False),
+            "sensory_mask": (2, False), "segments": (1, False), "tokens": (1, False),
+            "next_token_logits": (2, True),
+        }  # fmt: skip
+        for name, (dims, floating) in expected.items():
+            tensor = getattr(self, name)
+            if tensor.dim() != dims or tensor.shape[0] != batch or tensor.is_floating_point() != floating:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, which does not fit a "
+                    f"state of {batch} rows"
+                )
+        if self.memory_mask.dtype != torch.bool or self.sensory_mask.dtype != torch.bool:
+            raise ValueError("memory_mask and sensory_mask must be boolean")
+        if (
+            self.memory_mask.shape != self.memories.shape[:2]
+            or self.sensory_mask.shape != self.sensory_ids.shape
+        ):
+            raise ValueError("the masks do not match the memories and sensory tokens they describe")
+        if not bool(torch.isfinite(self.memories[self.memory_mask]).all()):
+            raise ValueError("it holds NaN or infinite memories")
+        if not bool(torch.isfinite(self.next_token_logits).all()):
+            raise ValueError("its carried prediction holds NaN or infinite logits")
+        if bool((self.segments < 0).any()) or bool((self.tokens < 0).any()):
+            raise ValueError("it counts a negative number of segments or tokens")
+        ids = self.sensory_ids[self.sensory_mask]
+        if vocab_size is not None and bool(((ids < 0) | (ids >= vocab_size)).any()):
+            raise ValueError(
+                f"its sensory tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
+                "it was made with another backbone"
+            )
 
     # ---- transitions used by the model after each segment; each returns a new state ----
 

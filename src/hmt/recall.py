@@ -27,7 +27,6 @@ class MemoryParameters(nn.Module):
         recall_init: str = "similarity",
         sink_init: torch.Tensor | None = None,
         memory_tokens: int = 1,
-        memory_offset: bool = False,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -35,7 +34,6 @@ class MemoryParameters(nn.Module):
         self.recall_dim = recall_dim
         self.memory_norm = memory_norm
         self.recall_norm = recall_norm
-        self.memory_offset = memory_offset
         # T and m0 look like token embeddings: normal, scaled by the backbone's embedding spread.
         self.summary_prompt = nn.Parameter(torch.randn(embedding_dim) * embedding_std)
         self.initial_memory = nn.Parameter(torch.randn(memory_tokens * embedding_dim) * embedding_std)
@@ -94,16 +92,13 @@ class MemoryParameters(nn.Module):
         query: torch.Tensor,
         memories: torch.Tensor,
         memory_mask: torch.Tensor,
-        recency: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft attention of each row's query over its cached memories.
 
         query: (batch, output_dim); memories: (batch, slots, r * d); memory_mask: (batch, slots) bool.
-        Returns the recalled memory (batch, r * d) (plus m0 with memory_offset), equal to m0 for rows with
-        an empty cache, and the recall weights (batch, slots), a distribution over the valid slots (zeros
-        for empty rows).
+        Returns the recalled memory (batch, r * d), equal to m0 for rows with an empty cache, and the
+        recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
         A memory's key is read from the mean of its r embeddings (each RMS-normalised first if recall_norm).
-        `recency` (HMTConfig.recall_recency) subtracts that many nats per segment of age from each score.
         """
         query = query.to(self.query_proj.weight.dtype)
         embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
@@ -114,41 +109,22 @@ class MemoryParameters(nn.Module):
         q = self.query_proj(query)  # (batch, d_h)
         k = self.key_proj(keys_in)  # (batch, slots, d_h)
         scores = torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
-        if recency:
-            scores = scores - recency * entry_ages(memory_mask).to(scores.dtype)
         scores = scores.masked_fill(~memory_mask, float("-inf"))
         has_memory = memory_mask.any(dim=1, keepdim=True)  # (batch, 1)
         # Rows without memories would softmax over nothing (NaN); give them a harmless zero score row.
         weights = torch.softmax(torch.where(has_memory, scores, torch.zeros_like(scores)), dim=-1)
         weights = torch.where(has_memory, weights, torch.zeros_like(weights))
-        recalled = self._read(torch.einsum("bs,bsd->bd", weights, memories), has_memory)
-        return recalled, weights
+        recalled = torch.einsum("bs,bsd->bd", weights, memories)
+        return torch.where(has_memory, recalled, self.initial_memory.expand_as(recalled)), weights
 
     def last_memory(self, memories: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        """RMT's read: the newest memory M_{n-1} per row (plus m0 with memory_offset), or m0 where nothing
-        was written yet."""
+        """RMT's read: the newest memory M_{n-1} per row, or m0 where nothing was written yet."""
         batch, _, width = memories.shape
+        initial = self.initial_memory.expand(batch, width)
         if memories.shape[1] == 0:
-            return self.initial_memory.expand(batch, width)
+            return initial
         newest_valid = memory_mask[:, -1:]  # right-aligned: the last slot is the newest
-        return self._read(memories[:, -1], newest_valid)
-
-    def _read(self, memory: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The memory a segment reads: `memory` (plus m0 with memory_offset) where valid, else m0 alone."""
-        initial = self.initial_memory.expand_as(memory)
-        if self.memory_offset:
-            memory = memory + initial
-        return torch.where(valid, memory, initial)
-
-
-def entry_ages(memory_mask: torch.Tensor) -> torch.Tensor:
-    """Age of each cache entry in its row's own writes: 0 for the newest valid entry, 1 for the one before.
-
-    Valid entries are right-aligned and contiguous per row (MemoryState.with_memory), so an entry's age
-    is the number of valid entries to its right; padding rows and empty slots do not count.
-    """
-    later = memory_mask.flip(1).long().cumsum(1).flip(1)  # valid entries at or after each slot
-    return (later - 1).clamp_min(0)
+        return torch.where(newest_valid, memories[:, -1], initial)
 
 
 def _rms_normalise(x: torch.Tensor) -> torch.Tensor:

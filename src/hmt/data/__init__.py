@@ -1,5 +1,9 @@
-"""Data for evaluation and training: documents from a source, fixed splits, token streams and probes."""
+"""Data for evaluation and training: documents, fixed splits, token streams, probes and training batches.
 
+This package imports nothing else of hmt: it is the bottom layer.
+"""
+
+from hmt.data.batches import Batch, BatchSource, RandomWindows, StreamLanes
 from hmt.data.corpus import (
     BUNDLED_CORPORA,
     SPLITS,
@@ -9,13 +13,18 @@ from hmt.data.corpus import (
     resolve_split,
     split_documents,
     token_stream,
+    training_text,
 )
 from hmt.data.transforms import dilate, filler_mask, interleave
 
 __all__ = [
     "BUNDLED_CORPORA",
     "SPLITS",
+    "Batch",
+    "BatchSource",
     "Document",
+    "RandomWindows",
+    "StreamLanes",
     "describe_split_rule",
     "dilate",
     "filler_mask",
@@ -24,4 +33,5 @@ __all__ = [
     "resolve_split",
     "split_documents",
     "token_stream",
+    "training_text",
 ]

@@ -259,3 +259,33 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def _as_tensor(ids: list[int]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
+
+
+def training_text(
+    tokenizer: PreTrainedTokenizerBase,
+    sources: tuple[str, ...] | list[str],
+    max_tokens: int | None,
+    validation_source: str,
+    validation_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Training tokens (the train split of every source, joined, at most `max_tokens` in all), the
+    validation tokens (the validation split of `validation_source`; None for 0 tokens) and a description."""
+    parts, documents = [], 0
+    for spec in sources:
+        docs = load_documents(spec, "train")
+        documents += len(docs)
+        parts.append(token_stream(docs, tokenizer, max_tokens))
+    train = torch.cat(parts)[:max_tokens]
+    validation = None
+    if validation_tokens > 0:
+        validation = token_stream(
+            load_documents(validation_source, "validation"), tokenizer, validation_tokens
+        )
+    info = {
+        "train": list(sources),
+        "train_documents": documents,
+        "train_tokens": int(train.shape[0]),
+        "validation": validation_source,
+        "validation_tokens": int(validation.shape[0]) if validation is not None else 0,
+    }
+    return train, validation, info

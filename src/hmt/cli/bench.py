@@ -8,37 +8,75 @@ import platform
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+import typer
 
-from hmt.benchmark import BenchConfig, Measurement, run_bench
-from hmt.commands import refuse_existing
-from hmt.io import write_text_atomic
-from hmt.plots import plot_bench
+from hmt.cli.options import (
+    BackboneOpt,
+    CacheSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FullWindowOpt,
+    NumSensoryOpt,
+    OverwriteOpt,
+    SegmentLengthOpt,
+    given,
+    split_ints,
+    split_list,
+)
 
 RESULTS_NAME = "bench.json"
 PLOT_NAME = "bench.png"
 
 
-def run_bench_command(
-    config: BenchConfig, out: Path, overwrite: bool = False, console: Console | None = None
-):
-    """Measure, print the table, write bench.json and bench.png into `out`; returns the report."""
-    console = console or Console()
-    results_path = out / RESULTS_NAME
-    refuse_existing(results_path, overwrite)
+def bench_command(
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("runs/bench"),
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated: backbone, sliding, memory_off, rmt, hmt, full.")
+    ] = "backbone,sliding,hmt,full",
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated stream lengths in tokens.")
+    ] = "1024,4096,16384",
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    full_window: FullWindowOpt = None,
+    repeats: Annotated[
+        int, typer.Option(help="Measure each row this many times; the fastest run and highest peak count.")
+    ] = 1,
+    backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Speed and peak memory of reading streams of growing length, each mode in a fresh process."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hmt.backbone import resolve_device
+    from hmt.bench import BenchConfig, run_bench
+    from hmt.io import check_output, write_text_atomic
+    from hmt.plots import plot_bench
+
+    config = BenchConfig(
+        modes=split_list(modes),
+        lengths=split_ints(lengths, "--lengths"),
+        **given(segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size),
+        full_window=full_window,
+        repeats=repeats,
+        backbone=backbone,
+        dtype=dtype,
+        device=device,
+    )
+    resolve_device(device)  # a bad --device fails here, not in the first measuring process
+    results_path = check_output(out, RESULTS_NAME, overwrite)
+    console = Console()
     total = len(config.lengths) * len(config.modes) * config.repeats
     bar = Progress(
-        TextColumn("{task.description:>22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+        TextColumn("{task.description:>22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console,
-    )
+    )  # fmt: skip
     with bar:
         task = bar.add_task("starting", total=total)
 
@@ -47,18 +85,18 @@ def run_bench_command(
 
         measurements = run_bench(config, progress)
         bar.update(task, completed=total, description="done")
-    report = make_bench_report(config, measurements)
-    out.mkdir(parents=True, exist_ok=True)
+    report = bench_report(config, measurements)
     write_text_atomic(results_path, json.dumps(report, indent=2) + "\n")
     written = [results_path, plot_bench(report, out / PLOT_NAME)]
     console.print(bench_table(report))
     console.print("wrote " + ", ".join(str(p) for p in written))
-    return report
 
 
-def make_bench_report(config: BenchConfig, measurements: list[Measurement]) -> dict[str, Any]:
+def bench_report(config, measurements) -> dict[str, Any]:
     """The JSON-ready report: settings, machine, and one row per (tokens, mode) with its speed relative to
     the windowed backbone on the same length (when it was measured)."""
+    import torch
+
     backbone_speed = {m.tokens: m.tokens_per_second for m in measurements if m.mode == "backbone"}
     rows = []
     for m in sorted(measurements, key=lambda m: (m.tokens, config.modes.index(m.mode))):
@@ -79,7 +117,9 @@ def make_bench_report(config: BenchConfig, measurements: list[Measurement]) -> d
     }
 
 
-def bench_table(report: dict[str, Any]) -> Table:
+def bench_table(report: dict[str, Any]):
+    from rich.table import Table
+
     settings = report["settings"]
     memory = (
         "GPU memory allocated" if report["rows"] and report["rows"][0]["memory"] == "cuda" else "process RSS"

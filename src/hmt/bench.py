@@ -94,13 +94,12 @@ def _best(runs: list[Measurement]) -> Measurement:
 
 def measure(config: BenchConfig, mode: str, tokens: int) -> Measurement:
     """Load the backbone, warm up on two segments, then time reading `tokens` random ids and watch memory."""
-    from hmt.backbone import load_backbone
-    from hmt.commands import prepare_command
+    from hmt.backbone import load_backbone, quiet_transformers
     from hmt.config import HMTConfig
     from hmt.evaluate import EvalConfig, run_eval
     from hmt.model import HMTForCausalLM
 
-    prepare_command()
+    quiet_transformers()
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.backbone, dtype=config.dtype, device=config.device)
     hmt_config = HMTConfig(

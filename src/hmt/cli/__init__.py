@@ -1,0 +1,47 @@
+"""The `hmt` command: one module per command, each a typed function over the library.
+
+Heavy imports happen inside the commands, so `hmt --help` is instant. Known errors print as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from hmt.cli.bench import bench_command
+from hmt.cli.eval import eval_command
+from hmt.cli.inspect import inspect_command, version_command
+from hmt.cli.train import train_command
+
+DEBUG_VARIABLE = "HMT_DEBUG"
+
+app = typer.Typer(
+    name="hmt",
+    help="Hierarchical Memory Transformer: unbounded context at constant memory for Hugging Face causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("eval")(eval_command)
+app.command("train")(train_command)
+app.command("bench")(bench_command)
+app.command("inspect")(inspect_command)
+app.command("version")(version_command)
+
+
+def main() -> None:
+    """Entry point: known errors become one line on stderr (set HMT_DEBUG=1 for the traceback)."""
+    try:
+        app()
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        typer.echo(f"(set {DEBUG_VARIABLE}=1 to see the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""`hmt train`: the two-stage recipe on real text, in a run folder that can be resumed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hmt.cli.options import (
+    BackboneOpt,
+    CacheSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MemoryLayerOpt,
+    MemoryTokensOpt,
+    NumSensoryOpt,
+    SegmentLengthOpt,
+    SummaryLengthOpt,
+    config_help,
+    given,
+    train_help,
+)
+
+
+def train_command(
+    out: Annotated[Path, typer.Option(help="Run folder: run.json, train_log.jsonl, checkpoints/, final/.")],
+    stage: Annotated[
+        int | None,
+        typer.Option(
+            help="1: rmt + sensory memory, 2 segments, 200 steps. 2: hmt (recall on), 4 segments, "
+            "500 steps, from --init-from. Options below override the preset."
+        ),
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Stage-1 run folder (or adapter folder) that stage 2 starts from.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Training text (its train split); repeat for several. Default: essays, plays."),
+    ] = None,
+    max_train_tokens: Annotated[
+        int | None, typer.Option(help="Use at most this many training tokens.")
+    ] = None,
+    validation_data: Annotated[str, typer.Option(help="Validation text (its validation split).")] = "essays",
+    validation_tokens: Annotated[int, typer.Option(help="Validation tokens (0: no validation).")] = 4096,
+    finetune: Annotated[str, typer.Option(help="Backbone weights: frozen | lora | full.")] = "lora",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[
+        list[str] | None,
+        typer.Option(help="Modules to adapt (repeat); default: peft's choice for the architecture."),
+    ] = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    summary_length: SummaryLengthOpt = None,
+    memory_tokens: MemoryTokensOpt = None,
+    memory_layer: MemoryLayerOpt = None,
+    memory_norm: Annotated[
+        str | None, typer.Option(help=config_help("memory_norm") + " Default: learned.")
+    ] = None,
+    attention_sink: Annotated[
+        bool | None, typer.Option(help=config_help("attention_sink") + " Default: on.")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help=train_help("mode"))] = None,
+    unroll: Annotated[str | None, typer.Option(help=train_help("unroll"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=train_help("batch_size"))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=train_help("grad_accum"))] = None,
+    streaming: Annotated[bool | None, typer.Option(help=train_help("streaming"))] = None,
+    loss_on: Annotated[str | None, typer.Option(help=train_help("loss_on"))] = None,
+    bptt_depth: Annotated[int | None, typer.Option(help=train_help("bptt_depth"))] = None,
+    max_steps: Annotated[int | None, typer.Option(help=train_help("max_steps"))] = None,
+    lr: Annotated[float | None, typer.Option(help=train_help("lr"))] = None,
+    memory_lr: Annotated[float | None, typer.Option(help=train_help("memory_lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=train_help("weight_decay"))] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=train_help("warmup_steps"))] = None,
+    decay_every: Annotated[int | None, typer.Option(help=train_help("decay_every"))] = None,
+    decay_factor: Annotated[float | None, typer.Option(help=train_help("decay_factor"))] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help=train_help("max_grad_norm"))] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option(help=train_help("gradient_checkpointing"))
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help=train_help("log_every"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help=train_help("eval_every"))] = None,
+    save_every: Annotated[int | None, typer.Option(help=train_help("save_every"))] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help=train_help("keep_checkpoints"))] = None,
+    seed: Annotated[int | None, typer.Option(help=train_help("seed"))] = None,
+) -> None:
+    """Train HMT's memory (and LoRA or the backbone) on long text: stage 1 (rmt), then stage 2 (hmt)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hmt.backbone import quiet_transformers
+    from hmt.cli.console import StepProgress
+    from hmt.runs import FINAL_DIR, STAGE_PRESETS, RunSettings, train_run
+    from hmt.train import TrainConfig
+
+    if stage is None and mode is None:
+        raise ValueError(
+            "say what to train: --stage 1, --stage 2 (with --init-from) or --mode rmt|hmt|backbone"
+        )
+    if stage not in (None, 1, 2):
+        raise ValueError(f"--stage must be 1 or 2, got {stage}")
+    if stage == 2 and init_from is None:
+        raise ValueError("stage 2 starts from a stage-1 run: pass --init-from RUN_DIR (or an adapter folder)")
+    how = given(
+        mode=mode, unroll=unroll, batch_size=batch_size, grad_accum=grad_accum, streaming=streaming,
+        loss_on=loss_on, bptt_depth=bptt_depth, max_steps=max_steps, lr=lr, memory_lr=memory_lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, decay_every=decay_every, decay_factor=decay_factor,
+        max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing, log_every=log_every,
+        eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed,
+    )  # fmt: skip
+    config = TrainConfig(**{**STAGE_PRESETS.get(stage or 0, {}), **how})
+    settings = RunSettings(
+        backbone=backbone, dtype=dtype, device=device, data=tuple(data) if data else ("essays", "plays"),
+        max_train_tokens=max_train_tokens, validation_data=validation_data,
+        validation_tokens=validation_tokens, finetune=finetune, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=tuple(lora_targets) if lora_targets else None, init_from=init_from,
+        model=given(
+            segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
+            summary_length=summary_length, memory_tokens=memory_tokens, memory_layer=memory_layer,
+            memory_norm=memory_norm, attention_sink=attention_sink,
+        ),
+    )  # fmt: skip
+    from accelerate import Accelerator
+
+    console = Console()
+    quiet_transformers()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=device == "cpu")
+    main = accelerator.is_main_process
+    with StepProgress(console, config.max_steps, enabled=main) as progress:
+        summary = train_run(
+            out, settings, config, resume=resume, accelerator=accelerator, progress=progress,
+            announce=console.print if main else None,
+        )  # fmt: skip
+    if not main:
+        return
+    table = Table(title=f"Training ({config.mode})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("tokens", f"{summary['tokens']:,}")
+    table.add_row("time", f"{summary['seconds'] / 60:.1f} min")
+    if summary["final_loss"] is not None:
+        table.add_row("final loss", f"{summary['final_loss']:.3f}")
+    if summary["validation"]:
+        table.add_row("validation ppl", f"{summary['validation']['val_ppl']:.2f}")
+    table.add_row("adapter", str(out / FINAL_DIR))
+    console.print(table)

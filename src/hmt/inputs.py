@@ -1,0 +1,94 @@
+"""The inputs of a forward call, checked and packed: each row's tokens moved to the left (right padding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hmt.config import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PackedInputs:
+    """Inputs with each row's tokens moved to the left (right padding), as the segment loop reads them."""
+
+    ids: torch.Tensor  # (batch, seq_len) long, 0 after each row's tokens
+    targets: torch.Tensor  # (batch, seq_len) long, IGNORE_INDEX after each row's tokens
+    lengths: torch.Tensor  # (batch,) long: tokens per row
+    offsets: torch.Tensor  # (batch,) long: left padding per row (input position = offset + packed position)
+
+    def segment(self, step: int, segment_length: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Segment `step`: its first packed position, its ids (batch, <= L) and valid tokens per row (batch,)."""
+        start = step * segment_length
+        lengths = (self.lengths - start).clamp(0, segment_length)
+        return start, self.ids[:, start : start + segment_length], lengths
+
+
+def pack_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+) -> PackedInputs:
+    """Validate the inputs of a forward call and move each row's tokens to the left."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids must be a 2-D tensor (batch, seq_len), got {shape}; add a batch dimension"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(
+            f"empty input: input_ids has shape {tuple(input_ids.shape)}; give at least one token"
+        )
+    device = input_ids.device
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        mask = attention_mask.to(device).bool()
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    lengths = mask.sum(dim=1)
+    if int(lengths.sum()) == 0:
+        raise ValueError("empty input: attention_mask marks no tokens")
+    starts = mask.long().argmax(dim=1)  # first token of each row (0 for empty rows)
+    positions = torch.arange(seq_len, device=device)
+    expected = (positions[None, :] >= starts[:, None]) & (positions[None, :] < (starts + lengths)[:, None])
+    if not torch.equal(expected, mask):
+        raise ValueError(
+            "attention_mask must mark one contiguous run of tokens per row (left or right padding); "
+            "split texts with gaps into separate rows"
+        )
+    vocab = vocab_size
+    real = input_ids[mask]
+    if bool(((real < 0) | (real >= vocab)).any()):
+        bad = real[(real < 0) | (real >= vocab)][0].item()
+        raise ValueError(
+            f"token id {bad} is outside the backbone's vocabulary [0, {vocab}); "
+            "was the text tokenized with another model's tokenizer?"
+        )
+    targets = input_ids if labels is None else labels.to(device)
+    if labels is not None:
+        real_labels = targets[mask]
+        bad_labels = (real_labels != IGNORE_INDEX) & ((real_labels < 0) | (real_labels >= vocab))
+        if bool(bad_labels.any()):
+            raise ValueError(
+                f"label {real_labels[bad_labels][0].item()} is outside the vocabulary [0, {vocab}) "
+                f"and is not the ignore index {IGNORE_INDEX}"
+            )
+    # Gather each row's tokens to the front: packed position p reads input position start + p.
+    source = (starts[:, None] + positions[None, :]).clamp(max=seq_len - 1)
+    inside = positions[None, :] < lengths[:, None]
+    ids = torch.where(inside, input_ids.gather(1, source), 0).long()
+    packed_targets = torch.where(inside, targets.gather(1, source), IGNORE_INDEX).long()
+    return PackedInputs(ids=ids, targets=packed_targets, lengths=lengths, offsets=starts)
