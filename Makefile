@@ -28,8 +28,8 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples experiments
+	$(VENV)/bin/ruff format --check src tests examples experiments
 
 # The main job: the shipped HMT adapter on held-out essays (the test split, ~14.7K tokens), default
 # backbone SmolLM2-135M, against its own windowed and sliding-window rows and the full-context

@@ -145,3 +145,22 @@ def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "hmt_adapter.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hmt_adapter.safetensors", "hmt_config.json"]
+
+
+def test_a_saved_state_whose_contents_are_wrong_is_refused(tmp_path, model):
+    from dataclasses import replace
+
+    state = model(random_ids(1, 30)).state
+    nan = replace(state, memories=torch.full_like(state.memories, float("nan")))
+    nan.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match="nan.safetensors is not a usable memory state: .*NaN"):
+        MemoryState.load(tmp_path / "nan.safetensors")
+    ids = state.sensory_ids.clone()
+    ids[0, -1] = VOCAB + 5  # a token this backbone does not have: the state came from another one
+    replace(state, sensory_ids=ids).save(tmp_path / "foreign.safetensors")
+    foreign = MemoryState.load(tmp_path / "foreign.safetensors")  # the file alone cannot know the vocabulary
+    with pytest.raises(ValueError, match="outside this backbone's vocabulary"):
+        model(random_ids(1, 8), state=foreign)
+    replace(state, memory_mask=state.memory_mask[:, :0]).save(tmp_path / "mask.safetensors")
+    with pytest.raises(ValueError, match="masks do not match"):
+        MemoryState.load(tmp_path / "mask.safetensors")

@@ -237,3 +237,84 @@ def test_adapter_resolution(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "shipped_adapter", lambda: tmp_path / "shipped")
     assert resolve_adapter(None, None) == tmp_path / "shipped"  # the default backbone gets its adapter
     assert resolve_adapter(None, "some/other-model") is None  # another backbone does not
+
+
+def test_baseline_rows_read_the_untouched_backbone_unless_asked(
+    monkeypatch, capsys, tiny_model_dir, text_file, tmp_path
+):
+    """With an adapter that carries LoRA, `backbone` and `full` are what a user would run instead of HMT:
+    the plain backbone; the memory rows read with the LoRA, and the table says which is which."""
+    from hmt import HMTConfig, HMTForCausalLM
+    from hmt.backbone import load_backbone, prepare_backbone
+
+    backbone = load_backbone(str(tiny_model_dir), dtype="fp32", device="cpu")
+    model = HMTForCausalLM(
+        prepare_backbone(backbone.model, "lora", lora_rank=2), HMTConfig(segment_length=16, num_sensory=4)
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA starts as a no-op; make it matter
+    model.save_pretrained(tmp_path / "ad")
+    modes = ("--modes", "backbone,sliding,full")
+    runs = {
+        "plain": ("--adapter", "none"),
+        "default": ("--adapter", str(tmp_path / "ad")),
+        "lora": ("--adapter", str(tmp_path / "ad"), "--lora-baselines"),
+    }
+    reports = {}
+    for name, extra in runs.items():
+        code, out, err = run_cli(
+            monkeypatch, capsys, *eval_args(tiny_model_dir, text_file, tmp_path / name, *modes, *extra)
+        )
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "results.json").read_text())
+    ppl = {name: {m: r["ppl"] for m, r in report["modes"].items()} for name, report in reports.items()}
+    for mode in ("backbone", "full"):
+        assert ppl["default"][mode] == pytest.approx(ppl["plain"][mode], rel=1e-6)
+        assert ppl["lora"][mode] != pytest.approx(ppl["plain"][mode], rel=1e-3)
+    assert ppl["default"]["sliding"] == pytest.approx(ppl["lora"]["sliding"], rel=1e-6)
+    weights = reports["default"]["config"]["weights"]
+    assert weights == {
+        "backbone": "untouched backbone",
+        "sliding": "backbone + the adapter's LoRA",
+        "full": "untouched backbone",
+    }
+    assert set(reports["lora"]["config"]["weights"].values()) == {"backbone + the adapter's LoRA"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "foo"], "unknown device 'foo'"),
+        (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "CUDA"),
+    ],
+)
+def test_bad_devices_are_one_line(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path, extra, message):
+    args = eval_args(tiny_model_dir, text_file, tmp_path / "run")
+    args[args.index("--device") + 1] = extra[1]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_an_unusable_out_is_refused_before_the_run(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path):
+    from hmt import backbone
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a backbone before checking --out")
+
+    monkeypatch.setattr(backbone, "load_backbone", no_loading)
+    (tmp_path / "a-file").write_text("mine")
+    for out, message in (
+        (tmp_path / "a-file", "is a file, not a folder"),
+        (tmp_path / "a-file" / "sub", "cannot write"),
+    ):
+        code, _, err = run_cli(monkeypatch, capsys, *eval_args(tiny_model_dir, text_file, out))
+        assert code == 1 and message in err, err
+    assert (tmp_path / "a-file").read_text() == "mine"
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "bench.json").write_text("{}")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "bench", "--out", str(tmp_path / "done"), "--backbone", str(tiny_model_dir)
+    )
+    assert code == 1 and "bench.json exists" in err

@@ -348,11 +348,13 @@ def attach_lora(backbone: Any, directory: Path, trainable: bool, in_place: bool 
         raise ImportError(
             f"{directory} holds LoRA weights, which need the peft package: pip install peft"
         ) from err
+    from safetensors import SafetensorError
+
     if not trainable and not in_place:
         backbone = copy.deepcopy(backbone)
     try:
         model = PeftModel.from_pretrained(backbone, str(directory), is_trainable=trainable)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise ValueError(
             f"the LoRA weights in {directory} cannot be read or do not fit this backbone "
             f"(corrupt or truncated file?): {str(err).splitlines()[0] if str(err) else type(err).__name__}"

@@ -19,7 +19,7 @@ import torch
 from hmt import __version__
 from hmt.config import READING_FIELDS, HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
-from hmt.train import Progress, TrainConfig, TrainSummary
+from hmt.train import AuxiliaryLoss, Progress, TrainConfig, TrainSummary
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -69,9 +69,10 @@ def train_run(
     accelerator: Any = None,
     progress: Progress | None = None,
     announce: Callable[[str], None] | None = None,
+    auxiliary: AuxiliaryLoss | None = None,
 ) -> dict[str, Any]:
     """Train in `out` (a new folder, or with `resume` the same run continued) and save the final adapter;
-    returns the summary also written to `out/summary.json`."""
+    returns the summary also written to `out/summary.json`. `auxiliary`: an extra loss term (train())."""
     from accelerate import Accelerator
 
     from hmt.backbone import BACKBONE_DIR, load_backbone
@@ -112,7 +113,7 @@ def train_run(
         )
     summary = train(
         model, source, config, out, validation=val_stream, accelerator=accelerator, resume=resume,
-        progress=progress,
+        progress=progress, auxiliary=auxiliary,
     )  # fmt: skip
     result = _summary(summary, config, model.config, data_info)
     if accelerator.is_main_process:
