@@ -153,7 +153,7 @@ def test_a_saved_state_whose_contents_are_wrong_is_refused(tmp_path, model):
     state = model(random_ids(1, 30)).state
     nan = replace(state, memories=torch.full_like(state.memories, float("nan")))
     nan.save(tmp_path / "nan.safetensors")
-    with pytest.raises(ValueError, match="nan.safetensors is not a usable memory state: .*NaN"):
+    with pytest.raises(ValueError, match=r"nan\.safetensors is not a usable memory state: .*NaN"):
         MemoryState.load(tmp_path / "nan.safetensors")
     ids = state.sensory_ids.clone()
     ids[0, -1] = VOCAB + 5  # a token this backbone does not have: the state came from another one

@@ -264,7 +264,7 @@ def test_baseline_rows_read_the_untouched_backbone_unless_asked(
     }
     reports = {}
     for name, extra in runs.items():
-        code, out, err = run_cli(
+        code, _, err = run_cli(
             monkeypatch, capsys, *eval_args(tiny_model_dir, text_file, tmp_path / name, *modes, *extra)
         )
         assert code == 0, err

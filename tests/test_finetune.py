@@ -83,5 +83,5 @@ def test_a_truncated_lora_file_is_a_clear_error(tmp_path):
     model.save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="LoRA weights in .* cannot be read"):
+    with pytest.raises(ValueError, match=r"LoRA weights in .* cannot be read"):
         HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"))
