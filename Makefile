@@ -32,8 +32,8 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests examples experiments
 
 # The main job: the shipped HMT adapter on held-out essays (the test split, ~14.7K tokens), default
-# backbone SmolLM2-135M, against its own windowed and sliding-window rows and the full-context
-# backbone. A few minutes on 2 CPU cores.
+# backbone SmolLM2-135M: hmt and the sliding window with the adapter's LoRA, against the untouched
+# backbone on the same windows and at its full context. About 5 minutes on 2 CPU cores.
 DEMO_OUT ?= runs/demo
 demo: install
 	$(VENV)/bin/hmt eval --data essays --split test --max-tokens 16384 --modes backbone,sliding,hmt,full --out $(DEMO_OUT) --overwrite

@@ -38,6 +38,10 @@ with torch.no_grad():
         state, losses = part.state, [*losses, part.token_losses]
     print("chunked == one call:", torch.allclose(torch.cat(losses, 1), out.token_losses, atol=1e-5))
 
+    # The same weights read as the controls: the mode is an argument of the call, not a setting.
+    for mode in ("rmt", "sliding", "backbone"):
+        print(f"{mode}: perplexity {model(ids, mode=mode).loss.exp():.1f}")
+
 with tempfile.TemporaryDirectory() as folder:
     model.save_pretrained(folder)  # hmt_config.json + hmt_adapter.safetensors, backbone untouched
     reloaded = HMTForCausalLM.from_pretrained(folder, backbone)

@@ -229,10 +229,20 @@ def build_stream(tokenizer, data, split, max_tokens, interleave_spec, dilate_spe
     return stream, score_mask, info
 
 
+SHORT_WEIGHTS = {
+    "untouched backbone": "plain",
+    "backbone + the adapter's LoRA": "+LoRA",
+    "the adapter's fine-tuned backbone": "tuned",
+}
+
+
 def results_table(results, weights: dict[str, str], adapter_note: str):
     from rich.table import Table
 
-    caption = f"adapter: {adapter_note}\nsegment starts: the first eighth of every segment's positions"
+    caption = (
+        f"adapter: {adapter_note}\nweights: plain = the untouched backbone, +LoRA = with the adapter's LoRA, "
+        "tuned = the adapter's fine-tuned backbone\nsegment starts: the first eighth of every segment's positions"
+    )
     table = Table(title="Perplexity on the same tokens", caption=caption)
     columns = (
         "mode",
@@ -254,7 +264,7 @@ def results_table(results, weights: dict[str, str], adapter_note: str):
         relative = f"{100 * (r.ppl / reference.ppl - 1):+.1f}%" if reference else "-"
         start = f"{r.offset_ppl[0]:.2f}" if r.offset_ppl and r.offset_ppl[0] is not None else "-"
         table.add_row(
-            mode, weights[mode], str(r.window), f"{r.ppl:.2f}", relative, start, str(r.tokens_scored),
+            mode, SHORT_WEIGHTS[weights[mode]], str(r.window), f"{r.ppl:.2f}", relative, start, str(r.tokens_scored),
             f"{r.seconds:.0f}", f"{r.tokens_per_second:.0f}",
         )  # fmt: skip
     return table
