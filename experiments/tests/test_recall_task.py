@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from hmt.data.tasks import ANS, ASK, FACT, RecallTask, RecallTaskBatches
-from hmt.model import IGNORE_INDEX
+from experiments.recall_task import (
+    ANS,
+    ASK,
+    FACT,
+    RecallExperiment,
+    RecallTask,
+    RecallTaskBatches,
+    build_model,
+    main,
+    run_recall_experiment,
+)
+from experiments.tests.helpers import run_tool
+from hmt.config import IGNORE_INDEX
 
 
 def test_samples_put_the_fact_far_back_and_the_answer_after_the_query():
@@ -33,16 +46,29 @@ def test_batches_follow_the_unroll_curriculum():
     source = RecallTaskBatches(RecallTask(num_segments=6, min_distance=4), batch_size=2, seed=0)
     short = source.batch(0, 32)  # 2 segments: the distance shrinks to fit
     assert short.input_ids.shape == (2, 32)
+    assert short.reset.all()  # independent samples: memory starts empty every time
     assert source.batch(0, 96).input_ids.shape == (2, 96)
     with pytest.raises(ValueError, match="whole segments"):
         source.batch(0, 40)
 
 
+def test_every_arm_starts_from_the_same_weights_and_reads_in_its_own_mode():
+    experiment = RecallExperiment(task=RecallTask(num_segments=3, min_distance=2), steps=3)
+    models = {arm: build_model(experiment, arm) for arm in ("backbone", "rmt", "hmt")}
+    assert {arm: model.mode for arm, model in models.items()} == {
+        "backbone": "backbone",
+        "rmt": "rmt",
+        "hmt": "hmt",
+    }
+    first = dict(models["backbone"].named_parameters())
+    for model in models.values():
+        assert all(torch.equal(p, first[name]) for name, p in model.named_parameters())
+    assert experiment.unroll == "2:1,3"
+
+
 @pytest.mark.recall
 def test_memory_learns_to_recall_a_fact_four_segments_back(tmp_path):
     """Trained from scratch, equal budgets: the windowed backbone stays at chance, rmt and hmt answer."""
-    from hmt.synthetic import RecallExperiment, run_recall_experiment
-
     task = RecallTask(segment_length=16, num_segments=5, num_facts=1, min_distance=4)
     experiment = RecallExperiment(task=task, steps=700, curriculum="2:250,5")
     results = run_recall_experiment(experiment, tmp_path)
@@ -53,26 +79,30 @@ def test_memory_learns_to_recall_a_fact_four_segments_back(tmp_path):
 
 
 def test_recall_task_command_writes_results(tmp_path, monkeypatch, capsys):
-    import json
-    import sys
-
-    from hmt.cli import main
-
-    argv = ["hmt", "recall-task", "--segments", "3", "--distance", "2", "--steps", "3", "--batch-size", "4",
-            "--out", str(tmp_path / "run")]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as finished:
-        main()
-    assert finished.value.code in (0, None)
+    args = [
+        "--segments",
+        "3",
+        "--distance",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    code, _, err = run_tool(monkeypatch, capsys, main, *args)
+    assert code == 0, err
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(report["arms"]) == {"backbone", "rmt", "hmt"}
     assert {"accuracy", "chance", "recall_hit_rate", "recall_distance"} <= set(report["arms"]["hmt"])
+    assert report["experiment"]["unroll"] == "2:1,3"
+    trained = [json.loads(line)["step"] for line in (tmp_path / "run" / "hmt" / "train_log.jsonl").open()]
+    assert trained[-1] == 3
     assert (tmp_path / "run" / "recall_at_question.png").read_bytes()[:4] == b"\x89PNG"
-    monkeypatch.setattr(sys, "argv", [*argv, "--arms", "hmt"])
-    with pytest.raises(SystemExit):
-        main()
-    assert "results.json exists" in capsys.readouterr().err
-    monkeypatch.setattr(sys, "argv", [*argv[:-2], "--out", str(tmp_path / "other"), "--arms", "lstm"])
-    with pytest.raises(SystemExit):
-        main()
-    assert "arms must be among backbone, rmt, hmt" in capsys.readouterr().err
+    code, _, err = run_tool(monkeypatch, capsys, main, *args, "--arms", "hmt")
+    assert code == 1 and "results.json exists" in err
+    code, _, err = run_tool(
+        monkeypatch, capsys, main, *args[:-2], "--out", str(tmp_path / "other"), "--arms", "lstm"
+    )
+    assert code == 1 and "arms must be among backbone, rmt, hmt" in err

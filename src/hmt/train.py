@@ -158,10 +158,11 @@ class AuxiliaryLoss(Protocol):
     """An extra training term (research tools plug in here, e.g. experiments/distill.py).
 
     Called after each forward pass with the model, the micro-batch, its labels and the output; returns a
-    scalar added to the loss (None: nothing this time). `needs_logits`: the forward keeps every logit.
-    `name` keys the mean of its values in the training log."""
+    scalar, of which `weight` times is added to the loss (None: nothing this time). `needs_logits`: the
+    forward keeps every logit. `name` keys the mean of its (unweighted) values in the training log."""
 
     name: str
+    weight: float
     needs_logits: bool
 
     def __call__(
@@ -239,7 +240,7 @@ def train(
                 loss = out.loss
                 term = auxiliary(model, batch, labels, out) if auxiliary is not None else None
                 if term is not None:
-                    loss = loss + term
+                    loss = loss + auxiliary.weight * term
                     extra.append(float(term.detach()))
                 out["logits"] = None  # (batch, window, vocab) when kept: not past this step
                 accelerator.backward(loss)
