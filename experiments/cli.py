@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import typer
-
-DEBUG_VARIABLE = "HMT_DEBUG"
-KNOWN_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
 def tool(help_text: str) -> typer.Typer:
@@ -19,12 +13,7 @@ def tool(help_text: str) -> typer.Typer:
 
 
 def run(app: typer.Typer) -> None:
-    """Run `app`; a known error becomes `error: ...` on stderr and exit code 1 (HMT_DEBUG=1: traceback)."""
-    try:
-        app()
-    except KNOWN_ERRORS as err:
-        if os.environ.get(DEBUG_VARIABLE):
-            raise
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        typer.echo(f"(set {DEBUG_VARIABLE}=1 to see the traceback)", err=True)
-        sys.exit(1)
+    """Run `app` as `hmt` runs its commands: a known error is one line on stderr and exit code 1."""
+    from hmt.cli import run_app
+
+    run_app(app)

@@ -380,17 +380,10 @@ class Scorer:
         stream, info = self.stream(data)
         with ModeProgress(self.console, config.modes, info["tokens"]) as progress:
             results = run_eval(model, stream, config, progress=progress)
-        backbone = self.backbone
         report = make_report(
             results,
             model_config=model.config.to_dict(),
-            backbone={
-                "name": backbone.name,
-                "source": backbone.source,
-                "dtype": str(backbone.dtype).removeprefix("torch."),
-                "device": str(model.device),
-                "max_positions": backbone.max_positions,
-            },
+            backbone=self.backbone.describe(),
             data=info,
             adapter=str(adapter) if adapter else None,
             adapter_note=f"trained adapter {adapter}" if adapter else "none: the untouched backbone",

@@ -165,9 +165,14 @@ def tiny_model_dir(tmp_path_factory):
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run `hmt ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
-    import sys
-
     from hmt.cli import main
+
+    return run_main(monkeypatch, capsys, main, *args)
+
+
+def run_main(monkeypatch, capsys, main, *args: str) -> tuple[int, str, str]:
+    """Call an entry point `main` with ARGS as its command line; returns (exit code, stdout, stderr)."""
+    import sys
 
     monkeypatch.setattr(sys, "argv", ["hmt", *args])
     code = 0

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
+from conftest import run_main as run_tool
 from experiments import compare
 from experiments.compare import ARMS, CompareRequest, main, summarise
 from experiments.distill import Distillation
-from experiments.tests.helpers import run_tool
 
 
 def compare_args(tiny_model_dir, corpus, out, *extra: str) -> list[str]:

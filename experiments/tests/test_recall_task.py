@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import run_main as run_tool
 from experiments.recall_task import (
     ANS,
     ASK,
@@ -18,7 +19,6 @@ from experiments.recall_task import (
     main,
     run_recall_experiment,
 )
-from experiments.tests.helpers import run_tool
 from hmt.config import IGNORE_INDEX
 
 

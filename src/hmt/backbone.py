@@ -54,6 +54,16 @@ class Backbone:
     def max_positions(self) -> int | None:
         return context_length(self.model.config)
 
+    def describe(self) -> dict[str, Any]:
+        """What a report records of the backbone."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.model.device),
+            "max_positions": self.max_positions,
+        }
+
 
 def context_length(model_config: Any) -> int | None:
     """The number of positions a transformers config says its model supports, if it says."""

@@ -33,8 +33,14 @@ app.command("version")(version_command)
 
 def main() -> None:
     """Entry point: known errors become one line on stderr (set HMT_DEBUG=1 for the traceback)."""
+    run_app(app)
+
+
+def run_app(command: typer.Typer) -> None:
+    """Run a typer app; a known error becomes `error: ...` on stderr and exit code 1 (HMT_DEBUG=1 shows
+    the traceback). The experiments' commands run through it too."""
     try:
-        app()
+        command()
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
         if os.environ.get(DEBUG_VARIABLE):
             raise

@@ -119,13 +119,7 @@ def eval_command(
     report = make_report(
         results,
         model_config=model.config.to_dict(),
-        backbone={
-            "name": plain.name,
-            "source": plain.source,
-            "dtype": str(plain.dtype).removeprefix("torch."),
-            "device": str(model.device),
-            "max_positions": plain.max_positions,
-        },
+        backbone=plain.describe(),
         data=data_info,
         adapter=str(adapter) if adapter else None,
         adapter_note=labels["adapter"],
