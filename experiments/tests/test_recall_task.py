@@ -67,6 +67,7 @@ def test_every_arm_starts_from_the_same_weights_and_reads_in_its_own_mode():
 
 
 @pytest.mark.recall
+@pytest.mark.slow
 def test_memory_learns_to_recall_a_fact_four_segments_back(tmp_path):
     """Trained from scratch, equal budgets: the windowed backbone stays at chance, rmt and hmt answer."""
     task = RecallTask(segment_length=16, num_segments=5, num_facts=1, min_distance=4)
