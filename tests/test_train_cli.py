@@ -135,3 +135,29 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
                        "--max-steps", "2", "--memory-tokens", "3")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *other)
     assert code == 1 and "memory_tokens" in err and "tied to the parameters" in err
+
+
+def test_a_fully_fine_tuned_adapter_is_evaluated_on_its_own_backbone(
+    monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
+):
+    run = tmp_path / "full"
+    args = train_args(tiny_model_dir, corpus, run, "--mode", "hmt", "--max-steps", "2", "--finetune", "full",
+                      "--lr", "0.05")  # fmt: skip
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    assert (run / "final" / "backbone" / "config.json").is_file()
+    reports = {}
+    for name, extra in {"tuned": (), "all-tuned": ("--lora-baselines",)}.items():
+        code, _, err = run_cli(
+            monkeypatch, capsys, "eval", "--backbone", str(tiny_model_dir), "--adapter", str(run / "final"),
+            "--data", str(corpus), "--split", "test", "--max-tokens", "100", "--modes", "hmt,backbone",
+            "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / name), *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "results.json").read_text())
+    weights = reports["tuned"]["config"]["weights"]
+    assert weights == {"hmt": "the adapter's fine-tuned backbone", "backbone": "untouched backbone"}
+    tuned, untouched = (
+        reports["all-tuned"]["modes"]["backbone"]["ppl"],
+        reports["tuned"]["modes"]["backbone"]["ppl"],
+    )
+    assert tuned != pytest.approx(untouched, rel=1e-4)  # the fine-tuned weights are really read
