@@ -318,3 +318,10 @@ def test_an_unusable_out_is_refused_before_the_run(monkeypatch, capsys, tiny_mod
         monkeypatch, capsys, "bench", "--out", str(tmp_path / "done"), "--backbone", str(tiny_model_dir)
     )
     assert code == 1 and "bench.json exists" in err
+
+
+def test_a_reference_on_other_windows_is_refused():
+    model = tiny_hmt("llama", segment_length=8, num_sensory=2)
+    other = tiny_hmt("llama", segment_length=16, num_sensory=2)
+    with pytest.raises(ValueError, match="same windows"):
+        run_eval(model, random_ids(1, 50)[0], EvalConfig(modes=("backbone",)), reference=other)

@@ -1,7 +1,8 @@
 """Perplexity of one long token stream under several modes that all score exactly the same tokens.
 
-Modes: `backbone` (independent windows of L tokens), `rmt` (memory recurrence), `hmt` (full memory
-hierarchy), and `full` (the plain backbone on windows of its whole context: the upper reference).
+Modes: `backbone` (independent windows of L tokens), `sliding` (windows that reread the previous k
+tokens), `memory_off`, `rmt` (memory recurrence), `hmt` (the full memory hierarchy), and `full` (the
+plain backbone on windows of its whole context: the upper reference).
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def run_eval(
     Neither model's settings change.
     """
     config = config or EvalConfig()
+    if reference is not None and reference.config.segment_length != model.config.segment_length:
+        raise ValueError(
+            f"the reference reads segments of {reference.config.segment_length} tokens, the model of "
+            f"{model.config.segment_length}: rows compare only on the same windows"
+        )
     stream = _check_stream(stream, model)
     labels = stream.clone()
     if score_mask is not None:
