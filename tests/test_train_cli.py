@@ -89,6 +89,7 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
         ([], "say what to train"),
         (["--mode", "hmt", "--max-train-tokens", "100", "--unroll", "8"], "fewer than one sample"),
         (["--mode", "hmt", "--finetune", "half"], "finetune must be one of"),
+        (["--mode", "hmt", "--device", "foo"], "unknown device 'foo'"),
     ],
 )
 def test_bad_requests(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path, extra, message):

@@ -79,7 +79,7 @@ def eval_command(
     """Perplexity of HMT against the windowed, sliding-window and full-context backbone on one long text."""
     from rich.console import Console
 
-    from hmt.backbone import quiet_transformers
+    from hmt.backbone import quiet_transformers, resolve_device
     from hmt.cli.console import ModeProgress
     from hmt.evaluate import EvalConfig, make_report, run_eval, write_report
     from hmt.io import check_output
@@ -88,6 +88,7 @@ def eval_command(
     eval_config = EvalConfig(modes=split_list(modes), full_window=full_window, reset_every=reset_every)
     if max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+    resolve_device(device)
     adapter = resolve_adapter(adapter, backbone)
     out = out or Path("runs") / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = check_output(out, RESULTS_NAME, overwrite)  # before anything long
