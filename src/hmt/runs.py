@@ -51,8 +51,9 @@ class RunSettings:
     init_from: Path | None = None  # a stage-1 run folder or an adapter folder
 
     def __post_init__(self) -> None:
-        from hmt.backbone import FINETUNE_MODES
+        from hmt.backbone import FINETUNE_MODES, resolve_device
 
+        resolve_device(self.device)  # a bad device fails now, not after accelerate has picked another
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune!r}")
         if not self.data:

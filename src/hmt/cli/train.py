@@ -95,12 +95,11 @@ def train_command(
     from rich.console import Console
     from rich.table import Table
 
-    from hmt.backbone import quiet_transformers, resolve_device
+    from hmt.backbone import quiet_transformers
     from hmt.cli.console import StepProgress
     from hmt.runs import FINAL_DIR, STAGE_PRESETS, RunSettings, train_run
     from hmt.train import TrainConfig
 
-    resolve_device(device)  # a bad --device fails now, not after accelerate has picked another one
     if stage is None and mode is None:
         raise ValueError(
             "say what to train: --stage 1, --stage 2 (with --init-from) or --mode rmt|hmt|backbone"
