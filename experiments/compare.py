@@ -36,7 +36,7 @@ from experiments.cli import run, tool
 from experiments.distill import Distillation
 from hmt.cli.console import ModeProgress, StepProgress
 from hmt.cli.options import BackboneOpt, DeviceOpt, DtypeOpt, MemoryLayerOpt, split_ints, split_list
-from hmt.config import MEMORY_MODES, WRITING_MODES, HMTConfig
+from hmt.config import MEMORY_MODES, READING_FIELDS, WRITING_MODES, HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
 from hmt.runs import FINAL_DIR, RUN_FILE, SUMMARY_FILE, RunSettings, train_run
 from hmt.train import TrainConfig
@@ -127,13 +127,9 @@ class CompareRequest:
         }
 
     @property
-    def reading(self) -> dict[str, int]:
-        """The settings every evaluation reads with."""
-        return {
-            "segment_length": self.segment_length,
-            "num_sensory": self.num_sensory,
-            "cache_size": self.cache_size,
-        }
+    def reading(self) -> dict[str, Any]:
+        """The settings every evaluation reads with (those of model_settings not tied to the weights)."""
+        return {k: v for k, v in self.model_settings.items() if k in READING_FIELDS}
 
     @property
     def tokens_per_arm(self) -> int:
@@ -351,18 +347,16 @@ class Scorer:
     def model(self, mode: str, adapter: Path | None) -> HMTForCausalLM:
         """The trained adapter on the backbone (its LoRA merged into a copy), or, without one, untrained
         memory parameters around the untouched backbone (for rows that read none of them)."""
-        from hmt.backbone import BACKBONE_DIR, load_backbone
+        from hmt.backbone import load_backbone, saved_backbone
         from hmt.model import HMTForCausalLM
 
         if adapter is None:
             torch.manual_seed(0)
             return HMTForCausalLM(self.backbone.model, HMTConfig(**self.request.model_settings), mode=mode)
         backbone = self.backbone.model
-        if (adapter / BACKBONE_DIR).is_dir():  # the whole backbone was fine-tuned: it is in the adapter
-            request = self.request
-            backbone = load_backbone(
-                str(adapter / BACKBONE_DIR), dtype=request.dtype, device=request.device
-            ).model
+        saved = saved_backbone(adapter)
+        if saved is not None:  # the whole backbone was fine-tuned: it is in the adapter
+            backbone = load_backbone(saved, dtype=self.request.dtype, device=self.request.device).model
         return HMTForCausalLM.from_pretrained(adapter, backbone, mode=mode, **self.request.reading)
 
     def evaluate(

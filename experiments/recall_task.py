@@ -31,6 +31,7 @@ from experiments.cli import run, tool
 from hmt.cli.options import split_list
 from hmt.config import IGNORE_INDEX
 from hmt.data import Batch
+from hmt.data.batches import batch_seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,8 +150,7 @@ class RecallTaskBatches:
     def batch(self, index: int, window: int) -> Batch:
         """Samples as long as `window`, so an unroll curriculum also shortens the distances early on."""
         task = self.task.resized(window)
-        seed = ((self.seed * 1_000_003) + index) * self.world + self.rank
-        ids, labels, _ = task.batch(self.batch_size, seed)
+        ids, labels, _ = task.batch(self.batch_size, batch_seed(self.seed, index, self.rank, self.world))
         return Batch(ids, labels, torch.ones(self.batch_size, dtype=torch.bool))
 
 

@@ -164,3 +164,14 @@ def test_a_saved_state_whose_contents_are_wrong_is_refused(tmp_path, model):
     replace(state, memory_mask=state.memory_mask[:, :0]).save(tmp_path / "mask.safetensors")
     with pytest.raises(ValueError, match="masks do not match"):
         MemoryState.load(tmp_path / "mask.safetensors")
+
+
+def test_load_takes_tied_settings_only_with_the_adapters_values(tmp_path):
+    tiny_hmt("llama", memory_tokens=2).save_pretrained(tmp_path)
+    loaded = HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"), memory_tokens=2, cache_size=3)
+    assert (loaded.config.memory_tokens, loaded.config.cache_size) == (
+        2,
+        3,
+    )  # cache_size is a reading setting
+    with pytest.raises(ValueError, match=r"memory_tokens differ from the adapter .* tied to the parameters"):
+        HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"), memory_tokens=1)

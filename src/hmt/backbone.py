@@ -344,6 +344,12 @@ def save_lora(backbone: Any, directory: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def saved_backbone(adapter: Path) -> str | None:
+    """The fine-tuned backbone an adapter folder holds (trained with the whole backbone), or None."""
+    folder = Path(adapter) / BACKBONE_DIR
+    return str(folder) if folder.is_dir() else None
+
+
 def has_lora(directory: Path) -> bool:
     return (directory / LORA_CONFIG_NAME).is_file()
 

@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,26 +130,24 @@ def run_eval(
             raise ValueError(f"score_mask shape {tuple(score_mask.shape)} does not match the stream's")
         labels[~score_mask.to(stream.device)] = IGNORE_INDEX
     results: dict[str, ModeResult] = {}
+    bin_size = model.config.segment_length  # every row's per-segment bins: the model's segments
     for mode in config.modes:
         reader = reference if reference is not None and mode in BASELINE_MODES else model
+        read = {
+            "name": mode,
+            "bin_size": bin_size,
+            "weights": "reference" if reader is reference else "model",
+        }
         if mode == "full":
             window = config.full_window or _max_positions(reader)
             with reader.reading(segment_length=window, num_sensory=0, summary_length=None):
-                result = _score_stream(reader, stream, labels, "backbone", window, None, progress, mode)
+                results[mode] = _score_stream(
+                    reader, stream, labels, "backbone", window, None, progress, **read
+                )
         else:
             reset = config.reset_every if mode in WRITING_MODES else None
-            chunk = model.config.segment_length * (reset or config.segments_per_call)
-            result = _score_stream(reader, stream, labels, mode, chunk, reset, progress, mode)
-        results[mode] = replace(
-            result,
-            weights="reference" if reader is reference else "model",
-            segment_ppl=segment_perplexities(
-                result.token_losses, result.token_mask, model.config.segment_length
-            ),
-            offset_ppl=offset_perplexities(
-                result.token_losses, result.token_mask, model.config.segment_length
-            ),
-        )
+            chunk = bin_size * (reset or config.segments_per_call)
+            results[mode] = _score_stream(reader, stream, labels, mode, chunk, reset, progress, **read)
     _check_same_tokens(results)
     return results
 
@@ -162,12 +160,16 @@ def _score_stream(
     chunk: int,
     reset: int | None,
     progress: Progress | None,
+    *,
     name: str,
+    bin_size: int,
+    weights: str,
 ) -> ModeResult:
     """Read the stream in calls of `chunk` tokens, the state carried (emptied of memories every call when
-    `reset`); `name` is the row's mode as reported."""
+    `reset`); `name` is the row's mode as reported, `bin_size` the width of its per-segment bins, `weights`
+    which model read it (ModeResult.weights)."""
     total = stream.shape[0]
-    state, losses, masks, weights = None, [], [], []
+    state, losses, masks, recalled = None, [], [], []
     if progress is not None:
         progress(name, 0, total)
     started = time.perf_counter()
@@ -180,7 +182,7 @@ def _score_stream(
             state = out.state
             losses.append(out.token_losses[0])
             masks.append(out.token_mask[0])
-            weights.extend(w[0] for w in out.recall_weights or [])
+            recalled.extend(w[0] for w in out.recall_weights or [])
             if progress is not None:
                 progress(name, min(start + chunk, total), total)
     seconds = time.perf_counter() - started
@@ -200,10 +202,12 @@ def _score_stream(
         tokens_scored=scored,
         seconds=seconds,
         tokens_per_second=total / seconds,
-        segment_ppl=[],
-        recall=recall_stats(weights) if mode == "hmt" else None,
+        segment_ppl=segment_perplexities(token_losses, token_mask, bin_size),
+        offset_ppl=offset_perplexities(token_losses, token_mask, bin_size),
+        recall=recall_stats(recalled) if mode == "hmt" else None,
         memory_norm=memory_norm,
         embedding_norm=embedding_norm,
+        weights=weights,
         token_losses=token_losses,
         token_mask=token_mask,
     )

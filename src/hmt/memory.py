@@ -125,9 +125,9 @@ class MemoryState:
             raise ValueError(f"{path} is not a usable memory state: {err}") from None
         return state.to(device) if device is not None else state
 
-    def check_contents(self, vocab_size: int | None = None) -> None:
-        """Refuse a state whose tensors disagree in shape or type, hold NaN or infinite memories, or (with
-        `vocab_size`) sensory token ids outside the vocabulary: such a state would read as garbage."""
+    def check_contents(self) -> None:
+        """Refuse a state whose tensors disagree in shape or type, or hold NaN or infinite memories: such a
+        state would read as garbage. (`load` checks this; `check_vocabulary` what needs the model.)"""
         batch = self.segments.shape[0]
         expected = {
             "memories": (3, True), "memory_mask": (2, False), "sensory_ids": (2, False),
@@ -154,10 +154,13 @@ class MemoryState:
             raise ValueError("its carried prediction holds NaN or infinite logits")
         if bool((self.segments < 0).any()) or bool((self.tokens < 0).any()):
             raise ValueError("it counts a negative number of segments or tokens")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse sensory token ids outside [0, vocab_size): the state was made with another backbone."""
         ids = self.sensory_ids[self.sensory_mask]
-        if vocab_size is not None and bool(((ids < 0) | (ids >= vocab_size)).any()):
+        if bool(((ids < 0) | (ids >= vocab_size)).any()):
             raise ValueError(
-                f"its sensory tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
+                f"the state's sensory tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
                 "it was made with another backbone"
             )
 

@@ -29,6 +29,7 @@ from hmt.backbone import (
     has_lora,
     is_peft_model,
     save_lora,
+    saved_backbone,
 )
 from hmt.config import (
     IGNORE_INDEX,
@@ -404,7 +405,7 @@ class HMTForCausalLM(nn.Module):
                 f"state was made for a vocabulary of {state.next_token_logits.shape[1]}, this backbone has "
                 f"{self.vocab_size}"
             )
-        state.check_contents(self.vocab_size)
+        state.check_vocabulary(self.vocab_size)  # the rest of its contents is checked when it is loaded
         return state.to(self.device)
 
     # ---- save / load --------------------------------------------------------------------------
@@ -431,7 +432,7 @@ class HMTForCausalLM(nn.Module):
         trainable_lora: bool = False,
         mode: str = "hmt",
         query_batch_size: int = 32,
-        **reading: int | None,
+        **settings: object,
     ) -> HMTForCausalLM:
         """Restore an adapter written by `save_pretrained` onto `backbone`, refusing one that does not fit.
 
@@ -439,16 +440,19 @@ class HMTForCausalLM(nn.Module):
         plain backbone; `merge_lora=True` merges them into `backbone` itself (no copy: the caller's model
         changes), `trainable_lora=True` attaches them as trainable peft adapters (for training). An
         adapter trained with the whole backbone fine-tuned must be given that backbone (its `backbone/`
-        folder). `reading` overrides segment_length, num_sensory, summary_length or cache_size.
+        folder). `settings` may override segment_length, num_sensory, summary_length or cache_size; other
+        HMTConfig fields may be given only with the adapter's own values (they are tied to its weights).
         """
         directory = Path(directory)
         config, tensors = load_adapter_files(directory)
-        tied = sorted(set(reading) - set(READING_FIELDS))
+        given = {k: v for k, v in settings.items() if v is not None}
+        tied = sorted(k for k, v in given.items() if k not in READING_FIELDS and getattr(config, k, v) != v)
         if tied:
             raise ValueError(
-                f"{tied} cannot be overridden when loading: they are tied to the adapter's weights"
+                f"{', '.join(tied)} differ from the adapter in {directory} and are tied to the parameters: "
+                "leave them out, or start a fresh model"
             )
-        config = config.replace(**{k: v for k, v in reading.items() if v is not None})
+        config = config.replace(**given)
         _check_adapter_fits(directory, config, backbone)
         if has_lora(directory):
             backbone = attach_lora(backbone, directory, trainable=trainable_lora, in_place=merge_lora)
@@ -503,10 +507,10 @@ def _check_adapter_fits(directory: Path, config: HMTConfig, backbone: PreTrained
             f"adapter in {directory} was made for embedding width {config.embedding_dim}, but this "
             f"backbone has width {embedding_dim}; load it onto the backbone it was trained with"
         )
-    saved = directory / BACKBONE_DIR
-    if saved.is_dir():
+    saved = saved_backbone(directory)
+    if saved is not None:
         given = getattr(backbone, "name_or_path", None) or getattr(backbone.config, "_name_or_path", "")
-        if not given or Path(given).resolve() != saved.resolve():
+        if not given or Path(given).resolve() != Path(saved).resolve():
             raise ValueError(
                 f"adapter in {directory} was trained with the whole backbone fine-tuned; its backbone is "
                 f"{saved}: load that one (load_backbone('{saved}'), or hmt eval loads it for you)"

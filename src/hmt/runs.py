@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hmt import __version__
-from hmt.config import READING_FIELDS, HMTConfig
+from hmt.config import HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
 from hmt.train import AuxiliaryLoss, Progress, TrainConfig, TrainSummary
 
@@ -76,7 +76,7 @@ def train_run(
     returns the summary also written to `out/summary.json`. `auxiliary`: an extra loss term (train())."""
     from accelerate import Accelerator
 
-    from hmt.backbone import BACKBONE_DIR, load_backbone
+    from hmt.backbone import BACKBONE_DIR, load_backbone, saved_backbone
     from hmt.data import RandomWindows, StreamLanes, training_text
     from hmt.train import set_trainable_memory, train
 
@@ -88,8 +88,8 @@ def train_run(
     accelerator.wait_for_everyone()
 
     spec = settings.backbone
-    if spec is None and init_adapter is not None and (init_adapter / BACKBONE_DIR).is_dir():
-        spec = str(init_adapter / BACKBONE_DIR)  # stage 1 fine-tuned the whole backbone
+    if spec is None and init_adapter is not None:
+        spec = saved_backbone(init_adapter)  # stage 1 fine-tuned the whole backbone, or None: the default
     backbone = load_backbone(spec, dtype=settings.dtype, device=accelerator.device)
     model = training_model(backbone.model, settings, init_adapter, config.seed)
     train_stream, val_stream, data_info = training_text(
@@ -141,15 +141,10 @@ def training_model(backbone: Any, settings: RunSettings, init_adapter: Path | No
         )
         return HMTForCausalLM(backbone, HMTConfig(**settings.model))
     trainable_lora = settings.finetune == "lora" and has_lora(init_adapter)
-    config = HMTConfig.from_json_file(init_adapter / CONFIG_NAME)
-    tied = sorted(k for k, v in settings.model.items() if getattr(config, k) != v and k not in READING_FIELDS)
-    if tied:
-        raise ValueError(
-            f"{', '.join(tied)} differ from the adapter in {init_adapter} and are tied to the parameters: "
-            "leave them out, or start a fresh run"
-        )
-    reading = {k: v for k, v in settings.model.items() if k in READING_FIELDS}
-    model = HMTForCausalLM.from_pretrained(init_adapter, backbone, trainable_lora=trainable_lora, **reading)
+    # Stage 2 repeats stage 1's model settings; from_pretrained refuses those tied to the weights if they differ.
+    model = HMTForCausalLM.from_pretrained(
+        init_adapter, backbone, trainable_lora=trainable_lora, **settings.model
+    )
     prepared = prepare_backbone(
         model.backbone, settings.finetune, settings.lora_rank, settings.lora_alpha, targets
     )

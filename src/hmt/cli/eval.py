@@ -156,7 +156,7 @@ def load_models(backbone_spec, adapter, reading, dtype, device, seed, lora_basel
     whole backbone fine-tuned on that saved backbone), or untrained memory parameters (seeded)."""
     import torch
 
-    from hmt.backbone import BACKBONE_DIR, has_lora, load_backbone
+    from hmt.backbone import has_lora, load_backbone, saved_backbone
     from hmt.config import HMTConfig
     from hmt.io import CONFIG_NAME, shipped_adapter
     from hmt.model import HMTForCausalLM
@@ -169,9 +169,10 @@ def load_models(backbone_spec, adapter, reading, dtype, device, seed, lora_basel
         return model, None, plain, {"adapter": note, "model": "untouched backbone"}
     shipped = adapter == shipped_adapter()
     note = f"{'the shipped' if shipped else 'trained'} adapter {adapter.name if shipped else adapter}"
-    if (adapter / BACKBONE_DIR).is_dir():  # the whole backbone was fine-tuned: it is in the adapter
+    saved = saved_backbone(adapter)
+    if saved is not None:  # the whole backbone was fine-tuned: it is in the adapter
         original = backbone_spec or HMTConfig.from_json_file(adapter / CONFIG_NAME).backbone
-        tuned = load_backbone(str(adapter / BACKBONE_DIR), dtype=dtype, device=device)
+        tuned = load_backbone(saved, dtype=dtype, device=device)
         model = HMTForCausalLM.from_pretrained(adapter, tuned.model, **reading)
         plain = load_backbone(original, dtype=dtype, device=device) if not lora_baselines else tuned
         own = "the adapter's fine-tuned backbone"

@@ -15,7 +15,7 @@ def inspect_command(
     from rich.console import Console
     from rich.table import Table
 
-    from hmt.backbone import BACKBONE_DIR, has_lora
+    from hmt.backbone import has_lora, saved_backbone
     from hmt.io import load_adapter_files
 
     config, tensors = load_adapter_files(adapter)
@@ -27,13 +27,7 @@ def inspect_command(
     for name, tensor in sorted(tensors.items()):
         table.add_row(f"tensor {name}", f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}")
     table.add_row("parameters", f"{sum(t.numel() for t in tensors.values()):,}")
-    weights = (
-        "fine-tuned backbone"
-        if (adapter / BACKBONE_DIR).is_dir()
-        else "LoRA"
-        if has_lora(adapter)
-        else "none"
-    )
+    weights = "fine-tuned backbone" if saved_backbone(adapter) else "LoRA" if has_lora(adapter) else "none"
     table.add_row("backbone weights", weights)
     Console().print(table)
 

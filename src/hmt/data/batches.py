@@ -25,6 +25,11 @@ class BatchSource(Protocol):
     def batch(self, index: int, window: int) -> Batch: ...
 
 
+def batch_seed(seed: int, index: int, rank: int = 0, world: int = 1) -> int:
+    """The seed of batch `index` on process `rank` of `world`: distinct for every (seed, index, rank)."""
+    return ((seed * 1_000_003) + index) * world + rank
+
+
 class RandomWindows:
     """Independent windows at random places of a token stream; which ones is a function of (seed, index)."""
 
@@ -41,7 +46,7 @@ class RandomWindows:
                 f"the training text has {self.stream.shape[0]} tokens, fewer than one sample ({window}): "
                 "give more text or fewer/shorter segments"
             )
-        generator = torch.Generator().manual_seed(((self.seed * 1_000_003) + index) * self.world + self.rank)
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, index, self.rank, self.world))
         starts = torch.randint(0, self.stream.shape[0] - window + 1, (self.batch_size,), generator=generator)
         ids = torch.stack([self.stream[s : s + window] for s in starts.tolist()])
         return Batch(ids, ids.clone(), torch.ones(self.batch_size, dtype=torch.bool))
