@@ -3,8 +3,9 @@
 The task (in the spirit of BABILong), generated offline from a seed: a sample is `num_segments`
 segments of random filler tokens. Facts "FACT key value" sit in some of the first segments; the last
 segment asks "ASK key ANS" and the model must produce the value. Only that answer token is scored. The
-question's key lies inside the first j tokens of its segment (where HMT forms its recall query) and the
-answer after them, so the query never sees the answer. Facts sit in the first half of their segment, so
+question "ASK key" ends the segment before the last, so HMT's causal recall query (the last j tokens read
+before a segment) holds it; the last segment starts with "ANS value", so the value is predicted inside
+the segment that recalled with the question, and never enters a query. Facts sit in the first half of their segment, so
 sensory memory (the last k tokens) never carries one.
 
 The experiment: every arm (windowed backbone, rmt, hmt) gets the same backbone shape, initialisation,
@@ -83,13 +84,13 @@ class RecallTask:
 
     @property
     def query_length(self) -> int:
-        """j: the question's key ends here, the answer follows."""
+        """j: the recall query reads the last j tokens before a segment (the question's among them)."""
         return self.segment_length // 2
 
     @property
     def answer_position(self) -> int:
         """Position (in the sample) of the answer token."""
-        return (self.num_segments - 1) * self.segment_length + self.query_length + 1
+        return (self.num_segments - 1) * self.segment_length + 1
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, int, int]:
         """One sample: token ids (num_segments * L,), the answer, and the segment holding the asked fact."""
@@ -108,7 +109,7 @@ class RecallTask:
             offset = int(torch.randint(0, length // 2 - 2, (1,), generator=generator))
             start = segment * length + offset
             ids[start : start + 3] = torch.tensor([FACT, key, value])
-        question = (segments - 1) * length + self.query_length - 2
+        question = (segments - 1) * length - 2
         ids[question : question + 4] = torch.tensor([ASK, keys[0], ANS, values[0]])
         return ids, values[0], asked_segment
 

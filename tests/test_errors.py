@@ -50,8 +50,8 @@ def test_state_of_another_batch_or_model(model):
     state = model(random_ids(2, 10)).state
     with pytest.raises(ValueError, match="state holds 2 rows but input_ids has 1"):
         model(random_ids(1, 10), state=state)
-    other = tiny_hmt("llama", num_sensory=3)
-    with pytest.raises(ValueError, match="sensory tokens"):
+    other = tiny_hmt("llama", num_sensory=6)  # keeps 6 recent tokens, the state 4 (the causal query's j)
+    with pytest.raises(ValueError, match="keeps 6"):
         other(random_ids(2, 10), state=state)
     with pytest.raises(TypeError, match="MemoryState"):
         model(random_ids(2, 10), state={"memories": 1})
@@ -155,9 +155,9 @@ def test_a_saved_state_whose_contents_are_wrong_is_refused(tmp_path, model):
     nan.save(tmp_path / "nan.safetensors")
     with pytest.raises(ValueError, match=r"nan\.safetensors is not a usable memory state: .*NaN"):
         MemoryState.load(tmp_path / "nan.safetensors")
-    ids = state.sensory_ids.clone()
+    ids = state.recent_ids.clone()
     ids[0, -1] = VOCAB + 5  # a token this backbone does not have: the state came from another one
-    replace(state, sensory_ids=ids).save(tmp_path / "foreign.safetensors")
+    replace(state, recent_ids=ids).save(tmp_path / "foreign.safetensors")
     foreign = MemoryState.load(tmp_path / "foreign.safetensors")  # the file alone cannot know the vocabulary
     with pytest.raises(ValueError, match="outside this backbone's vocabulary"):
         model(random_ids(1, 8), state=foreign)

@@ -116,7 +116,7 @@ def test_batch_equals_each_text_alone(arch, padding_side):
         got = batch.state.select([row])
         valid = got.memory_mask[0]
         torch.testing.assert_close(got.memories[0, valid], alone.state.memories[0], atol=ATOL, rtol=0)
-        assert torch.equal(got.sensory_ids, alone.state.sensory_ids)
+        assert torch.equal(got.recent_ids, alone.state.recent_ids)
         assert torch.equal(got.tokens, alone.state.tokens) and torch.equal(got.segments, alone.state.segments)
     # Recall weights of the short row, over its own memories, match its solo run.
     for step, solo in enumerate(alone_short.recall_weights):
@@ -142,27 +142,50 @@ def test_loss_is_mean_over_scored_tokens_and_labels_are_respected():
 # ---- the four steps --------------------------------------------------------------------------------
 
 
-def test_batched_queries_equal_one_query_pass_per_segment(arch):
-    model = tiny_hmt(arch, segment_length=8, summary_length=3)
+@pytest.mark.parametrize("recall_query", ["causal", "paper"])
+def test_batched_queries_equal_one_query_pass_per_segment(arch, recall_query):
+    model = tiny_hmt(arch, segment_length=8, summary_length=3, recall_query=recall_query)
     ids = random_ids(2, 29)
     from hmt.inputs import pack_inputs
 
     packed = pack_inputs(ids, None, None, model.vocab_size)
+    state = model.empty_state(2)
     with torch.no_grad():
-        batched = model._query(packed, num_steps=4)
+        batched = model._query(packed, state, num_steps=4)
         model.query_batch_size = 1
-        one_by_one = model._query(packed, num_steps=4)
+        one_by_one = model._query(packed, state, num_steps=4)
         embed = model.backbone.get_input_embeddings()
         prompt = model.memory.summary_prompt[None, None, :]
         for row in range(2):
             for step in range(4):
-                first = ids[row : row + 1, step * 8 : step * 8 + 3]
-                inputs = torch.cat([prompt, embed(first), prompt], dim=1)
+                start = step * 8 if recall_query == "paper" else step * 8 - 3
+                if start < 0:  # a causal query before anything was read: nothing to read, recall gives m0
+                    assert not batched[row, step].any()
+                    continue
+                tokens = ids[row : row + 1, start : start + 3]
+                inputs = torch.cat([prompt, embed(tokens), prompt], dim=1)
                 out = model.backbone(inputs_embeds=inputs, output_hidden_states=True)
                 torch.testing.assert_close(
                     batched[row, step], out.hidden_states[-1][0, -1], atol=ATOL, rtol=0
                 )
     torch.testing.assert_close(batched, one_by_one, atol=ATOL, rtol=0)
+
+
+def test_causal_recall_never_reads_the_segment_it_serves():
+    """Changing the tokens of segment n (and after) leaves the recall of segments <= n unchanged under the
+    causal query; under the paper's query the segment's own tokens move its recall."""
+    ids = random_ids(1, 40)  # 5 segments of 8
+    changed = ids.clone()
+    changed[0, 24:] = (changed[0, 24:] + 1) % VOCAB
+    for recall_query, moves in (("causal", False), ("paper", True)):
+        model = tiny_hmt(
+            "llama", segment_length=8, num_sensory=2, summary_length=6, recall_query=recall_query
+        )
+        with torch.no_grad():
+            before = model(ids).recall_weights
+            after = model(changed).recall_weights
+        torch.testing.assert_close(before[2], after[2], atol=ATOL, rtol=0)  # segment 2 ends before token 24
+        assert (not torch.allclose(before[3], after[3], atol=1e-6)) is moves
 
 
 def test_cache_never_exceeds_its_size_and_keeps_the_newest():

@@ -28,9 +28,11 @@ def test_samples_put_the_fact_far_back_and_the_answer_after_the_query():
     L, j = task.segment_length, task.query_length
     for row in range(64):
         sample = ids[row].reshape(6, L)
-        question = sample[-1]
-        assert question[j - 2 : j].tolist()[0] == ASK and question[j] == ANS
-        key, answer = int(question[j - 1]), int(question[j + 1])
+        # "ASK key" ends the fifth segment (the causal query of the last one reads it); "ANS value" opens
+        # the last, so the value is predicted inside the segment that recalled with the question.
+        assert sample[-2, -2] == ASK and sample[-1, 0] == ANS
+        key, answer = int(sample[-2, -1]), int(sample[-1, 1])
+        assert j <= L and task.answer_position == 5 * L + 1
         facts = [(s, int(p)) for s in range(5) for p in torch.nonzero(sample[s] == FACT).flatten()]
         assert len(facts) == 3 and len({s for s, _ in facts}) == 3  # each fact in its own segment
         assert all(p + 2 < L // 2 for _, p in facts)  # first half: never in the sensory tokens

@@ -22,11 +22,18 @@ WRITING_MODES: tuple[str, ...] = ("rmt", "hmt")
 MemoryNorm = Literal["learned", "match", "none"]
 MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 RECALL_INITS: tuple[str, ...] = ("similarity", "independent")
+RECALL_QUERIES: tuple[str, ...] = ("causal", "paper")
 IGNORE_INDEX = -100  # a label that is not scored (the transformers convention)
 
 # Settings a model may read with other values than it was built with (`HMTForCausalLM.reading`): they
 # change how text is cut and how much is remembered, not the shape or meaning of any parameter.
-READING_FIELDS: tuple[str, ...] = ("segment_length", "num_sensory", "summary_length", "cache_size")
+READING_FIELDS: tuple[str, ...] = (
+    "segment_length",
+    "num_sensory",
+    "summary_length",
+    "cache_size",
+    "recall_query",
+)
 
 
 @dataclass
@@ -44,8 +51,15 @@ class HMTConfig:
     )
     summary_length: int | None = field(
         default=None,
+        metadata={"help": "Tokens that form a segment's recall query (j); L//2 if unset."},
+    )
+    recall_query: str = field(
+        default="causal",
         metadata={
-            "help": "Tokens at the start of a segment used to form its recall query (j); L//2 if unset."
+            "help": "What a segment's recall query reads: causal, the last j tokens read before the segment "
+            "(a question read just before an answer's segment is its query; any split of a stream at segment "
+            "boundaries equals one call); paper, the segment's own first j tokens, as in the paper (not "
+            "causal: those tokens enter the query of their own predictions, and generation cannot form it)."
         },
     )
     cache_size: int = field(
@@ -129,8 +143,8 @@ class HMTConfig:
             _require_int("summary_length", self.summary_length, minimum=1)
             if self.summary_length > self.segment_length:
                 raise ValueError(
-                    f"summary_length must be <= segment_length={self.segment_length} (the query reads the "
-                    f"start of a segment), got {self.summary_length}"
+                    f"summary_length must be <= segment_length={self.segment_length}, got "
+                    f"{self.summary_length}"
                 )
         _require_int("cache_size", self.cache_size, minimum=1)
         _require_int("memory_tokens", self.memory_tokens, minimum=1)
@@ -140,6 +154,7 @@ class HMTConfig:
             _require_int("recall_dim", self.recall_dim, minimum=1)
         _require_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
         _require_choice("recall_init", self.recall_init, RECALL_INITS)
+        _require_choice("recall_query", self.recall_query, RECALL_QUERIES)
         for name in ("recall_norm", "attention_sink"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -148,6 +163,11 @@ class HMTConfig:
     def query_length(self) -> int:
         """j: the summary length, or half a segment when unset."""
         return self.summary_length or max(1, self.segment_length // 2)
+
+    @property
+    def tokens_kept(self) -> int:
+        """How many of the last tokens read a state keeps: the sensory tokens, and the causal query's."""
+        return max(self.num_sensory, self.query_length if self.recall_query == "causal" else 0)
 
     def replace(self, **changes: Any) -> HMTConfig:
         """A validated copy with some fields changed (e.g. `config.replace(cache_size=100)`)."""

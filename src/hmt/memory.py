@@ -22,13 +22,13 @@ class MemoryState:
     """Memory of a batch of texts after some segments were read.
 
     Per-row quantities are right-aligned: the newest memory is `memories[:, -1]`, the last token read
-    is `sensory_ids[:, -1]`; masks say which slots hold something (rows may have read different amounts).
+    is `recent_ids[:, -1]`; masks say which slots hold something (rows may have read different amounts).
     """
 
     memories: torch.Tensor  # (batch, slots, r * d) float32, slots <= cache_size: long-term memory cache
     memory_mask: torch.Tensor  # (batch, slots) bool: which slots hold a memory
-    sensory_ids: torch.Tensor  # (batch, k) long: the last k token ids read (sensory memory)
-    sensory_mask: torch.Tensor  # (batch, k) bool
+    recent_ids: torch.Tensor  # (batch, t) long: the last t token ids read (sensory tokens, causal query)
+    recent_mask: torch.Tensor  # (batch, t) bool
     segments: torch.Tensor  # (batch,) long: segments read so far
     tokens: torch.Tensor  # (batch,) long: tokens read so far
     next_token_logits: (
@@ -40,7 +40,7 @@ class MemoryState:
         cls,
         batch_size: int,
         memory_width: int,
-        num_sensory: int,
+        tokens_kept: int,
         vocab_size: int,
         device: torch.device | str | None = None,
     ) -> MemoryState:
@@ -48,8 +48,8 @@ class MemoryState:
         return cls(
             memories=torch.zeros(batch_size, 0, memory_width, device=device),
             memory_mask=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            sensory_ids=torch.zeros(batch_size, num_sensory, dtype=torch.long, device=device),
-            sensory_mask=torch.zeros(batch_size, num_sensory, dtype=torch.bool, device=device),
+            recent_ids=torch.zeros(batch_size, tokens_kept, dtype=torch.long, device=device),
+            recent_mask=torch.zeros(batch_size, tokens_kept, dtype=torch.bool, device=device),
             segments=torch.zeros(batch_size, dtype=torch.long, device=device),
             tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
             next_token_logits=torch.zeros(batch_size, vocab_size, device=device),
@@ -85,8 +85,8 @@ class MemoryState:
         state = MemoryState(
             memories=self.memories * keep[:, None, None],
             memory_mask=self.memory_mask & keep[:, None],
-            sensory_ids=self.sensory_ids * keep[:, None],
-            sensory_mask=self.sensory_mask & keep[:, None],
+            recent_ids=self.recent_ids * keep[:, None],
+            recent_mask=self.recent_mask & keep[:, None],
             segments=self.segments * keep,
             tokens=self.tokens * keep,
             next_token_logits=self.next_token_logits * keep[:, None],
@@ -94,7 +94,7 @@ class MemoryState:
         return state._trimmed()
 
     def forget(self) -> MemoryState:
-        """The same state with an empty memory cache: the text read so far (sensory tokens, the carried
+        """The same state with an empty memory cache: the text read so far (recent tokens, the carried
         prediction) is kept, the memories are not. Used to evaluate memory reset every few segments."""
         return replace(self, memories=self.memories[:, :0], memory_mask=self.memory_mask[:, :0])
 
@@ -130,8 +130,8 @@ class MemoryState:
         state would read as garbage. (`load` checks this; `check_vocabulary` what needs the model.)"""
         batch = self.segments.shape[0]
         expected = {
-            "memories": (3, True), "memory_mask": (2, False), "sensory_ids": (2, False),
-            "sensory_mask": (2, False), "segments": (1, False), "tokens": (1, False),
+            "memories": (3, True), "memory_mask": (2, False), "recent_ids": (2, False),
+            "recent_mask": (2, False), "segments": (1, False), "tokens": (1, False),
             "next_token_logits": (2, True),
         }  # fmt: skip
         for name, (dims, floating) in expected.items():
@@ -141,13 +141,13 @@ class MemoryState:
                     f"{name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, which does not fit a "
                     f"state of {batch} rows"
                 )
-        if self.memory_mask.dtype != torch.bool or self.sensory_mask.dtype != torch.bool:
-            raise ValueError("memory_mask and sensory_mask must be boolean")
+        if self.memory_mask.dtype != torch.bool or self.recent_mask.dtype != torch.bool:
+            raise ValueError("memory_mask and recent_mask must be boolean")
         if (
             self.memory_mask.shape != self.memories.shape[:2]
-            or self.sensory_mask.shape != self.sensory_ids.shape
+            or self.recent_mask.shape != self.recent_ids.shape
         ):
-            raise ValueError("the masks do not match the memories and sensory tokens they describe")
+            raise ValueError("the masks do not match the memories and recent tokens they describe")
         if not bool(torch.isfinite(self.memories[self.memory_mask]).all()):
             raise ValueError("it holds NaN or infinite memories")
         if not bool(torch.isfinite(self.next_token_logits).all()):
@@ -156,11 +156,11 @@ class MemoryState:
             raise ValueError("it counts a negative number of segments or tokens")
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """Refuse sensory token ids outside [0, vocab_size): the state was made with another backbone."""
-        ids = self.sensory_ids[self.sensory_mask]
+        """Refuse recent token ids outside [0, vocab_size): the state was made with another backbone."""
+        ids = self.recent_ids[self.recent_mask]
         if bool(((ids < 0) | (ids >= vocab_size)).any()):
             raise ValueError(
-                f"the state's sensory tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
+                f"the state's recent tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
                 "it was made with another backbone"
             )
 
@@ -191,13 +191,13 @@ class MemoryState:
         width = segment_ids.shape[1]
         positions = torch.arange(width, device=segment_ids.device)
         valid = positions[None, :] < segment_lengths[:, None]
-        sensory_ids, sensory_mask = _last_valid(
-            torch.cat([self.sensory_ids, segment_ids], dim=1), self.sensory_mask, valid
+        recent_ids, recent_mask = _last_valid(
+            torch.cat([self.recent_ids, segment_ids], dim=1), self.recent_mask, valid
         )
         return replace(
             self,
-            sensory_ids=sensory_ids,
-            sensory_mask=sensory_mask,
+            recent_ids=recent_ids,
+            recent_mask=recent_mask,
             segments=self.segments + (segment_lengths > 0).long(),
             tokens=self.tokens + segment_lengths,
         )

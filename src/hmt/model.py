@@ -1,6 +1,7 @@
 """`HMTForCausalLM`: any Hugging Face causal LM reading unbounded text segment by segment with memory.
 
-Per segment n (docs/method.md): (1) query S_n from [T | x_n[:j] | T]; (2) recall P_n from the cache;
+Per segment n (docs/method.md): (1) query S_n from [T | the last j tokens before the segment | T] (the
+paper's query reads the segment's own first j tokens instead); (2) recall P_n from the cache;
 (3) augment: the main pass over [sink | P_n | sensory tokens | x_n | P_n]; (4) write M_n, the output at
 the last slot, into the cache. Queries do not depend on memory, so those of all segments run in batched
 backbone calls up front.
@@ -160,7 +161,7 @@ class HMTForCausalLM(nn.Module):
 
     def empty_state(self, batch_size: int = 1) -> MemoryState:
         return MemoryState.empty(
-            batch_size, self.memory_width, self.config.num_sensory, self.vocab_size, device=self.device
+            batch_size, self.memory_width, self.config.tokens_kept, self.vocab_size, device=self.device
         )
 
     # ---- forward ------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ class HMTForCausalLM(nn.Module):
         return_logits: bool = False,
         num_logits: int | None = None,
         bptt_depth: int | None = None,
+        grad_segments: torch.Tensor | None = None,
     ) -> HMTOutput:
         """Read `input_ids` (batch, seq_len) of any length segment by segment.
 
@@ -187,6 +189,9 @@ class HMTForCausalLM(nn.Module):
         Logits are returned for the last `num_logits` input positions (default: one segment's worth;
         0: none, for scoring long texts cheaply); `return_logits=True` returns them all.
         `bptt_depth=k` cuts the graph through memory every k segments (truncated backpropagation).
+        `grad_segments` (batch, segments) bool: HMT's gradient shortcut for training on long inputs — only
+        segments marked in some row are recorded for backward; the others run forward-only and their
+        memories enter the cache detached, so gradient reaches a marked early segment through recall alone.
         """
         mode = check_mode(mode or self.mode)
         _check_positions(self.backbone, self.config, mode)
@@ -198,20 +203,23 @@ class HMTForCausalLM(nn.Module):
         length = self.config.segment_length
         num_steps = math.ceil(int(packed.lengths.max()) / length)
         scores = TokenScores(packed, state, _logits_kept(seq_len, length, return_logits, num_logits), seq_len)
-        queries = self._query(packed, num_steps) if mode == "hmt" else None
+        recorded = _recorded_steps(grad_segments, batch, num_steps)
+        queries = self._query(packed, state, num_steps, recorded) if mode == "hmt" else None
 
         recall_weights: list[torch.Tensor] = []
         for step in range(num_steps):
             if bptt_depth is not None and step > 0 and step % bptt_depth == 0:
                 state = state.detach()
             start, seg_ids, seg_lengths = packed.segment(step, length)
-            read, weights = self._recall(mode, state, queries[:, step] if queries is not None else None)
-            if weights is not None:
-                recall_weights.append(weights)
-            logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone")
-            scores.add_segment(start, seg_lengths, logits)
-            if mode in WRITING_MODES:
-                state = self._write(state, written, seg_lengths > 0)
+            with torch.set_grad_enabled(recorded[step]):
+                read, weights = self._recall(mode, state, queries[:, step] if queries is not None else None)
+                if weights is not None:
+                    recall_weights.append(weights)
+                logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone")
+                scores.add_segment(start, seg_lengths, logits)
+                memory = self.memory.to_memory(written) if mode in WRITING_MODES else None
+            if memory is not None:  # outside the block: a forward-only step must not detach the whole cache
+                state = state.with_memory(memory, seg_lengths > 0, self.config.cache_size)
             state = state.with_tokens_read(seg_ids, seg_lengths)
         state = scores.carry_prediction(state)
         loss, token_losses, token_mask, logits = scores.finish()
@@ -226,34 +234,51 @@ class HMTForCausalLM(nn.Module):
 
     # ---- the four steps -------------------------------------------------------------------------
 
-    def _query(self, packed: PackedInputs, num_steps: int) -> torch.Tensor:
-        """(1) S_n for every segment of every row: last output of [T | first j tokens | T], batched.
+    def _query(
+        self, packed: PackedInputs, state: MemoryState, num_steps: int, recorded: list[bool] | None = None
+    ) -> torch.Tensor:
+        """(1) S_n for every segment of every row: last output of [T | j tokens | T], batched. The j tokens
+        are the last ones read before the segment (causal; from the state at a call's start), or the
+        segment's own first ones (the paper's query).
 
-        Returns (batch, num_steps, output_dim); rows hold zeros for segments they do not have.
+        Returns (batch, num_steps, output_dim); rows hold zeros for segments they do not have, and for a
+        causal query before anything was read (the cache is empty then, so recall reads m0). Queries of
+        steps not `recorded` (gradient shortcut) run without a graph.
         """
         cfg = self.config
+        length, j = cfg.segment_length, cfg.query_length
         embed = self.backbone.get_input_embeddings()
         prompt = self.memory.summary_prompt.to(embed.weight.dtype)[None, :]
         batch = packed.ids.shape[0]
-        jobs = []  # (row, step, number of query tokens)
+        jobs = []  # (row, step, the query's token ids)
         for row in range(batch):
             row_length = int(packed.lengths[row])
-            for step in range(math.ceil(row_length / cfg.segment_length)):
-                jobs.append((row, step, min(cfg.query_length, row_length - step * cfg.segment_length)))
+            text = packed.ids[row, :row_length]
+            earlier = state.recent_ids[row][state.recent_mask[row]] if cfg.recall_query == "causal" else None
+            for step in range(math.ceil(row_length / length)):
+                if earlier is None:
+                    tokens = text[step * length : step * length + j]
+                else:
+                    before = torch.cat([earlier, text[: step * length]])
+                    tokens = before[max(0, len(before) - j) :]
+                if len(tokens):
+                    jobs.append((row, step, tokens))
+        recorded = recorded or [torch.is_grad_enabled()] * num_steps
+        jobs.sort(key=lambda job: not recorded[job[1]])  # recorded first, so chunks rarely mix the two
+        queries = prompt.new_zeros(batch, num_steps, self.memory.query_proj.in_features, dtype=torch.float32)
+        if not jobs:
+            return queries
         outputs = []
         for first in range(0, len(jobs), self.query_batch_size):
             chunk = jobs[first : first + self.query_batch_size]
-            sequences = [
-                torch.cat([prompt, embed(packed.ids[row, s * cfg.segment_length :][:n]), prompt])
-                for row, s, n in chunk
-            ]
-            lengths = torch.tensor([n + 2 for _, _, n in chunk], device=prompt.device)
-            final = self._backbone_states(sequences, lengths, -1)
+            sequences = [torch.cat([prompt, embed(tokens), prompt]) for _, _, tokens in chunk]
+            lengths = torch.tensor([len(tokens) + 2 for _, _, tokens in chunk], device=prompt.device)
+            with torch.set_grad_enabled(any(recorded[step] for _, step, _ in chunk)):
+                final = self._backbone_states(sequences, lengths, -1)
             outputs.append(final[torch.arange(len(chunk), device=final.device), lengths - 1])
         flat = torch.cat(outputs).float()  # (jobs, output_dim)
         rows = torch.tensor([row for row, _, _ in jobs], device=flat.device)
         steps = torch.tensor([step for _, step, _ in jobs], device=flat.device)
-        queries = flat.new_zeros(batch, num_steps, flat.shape[1])
         return queries.index_put((rows, steps), flat)
 
     def _recall(
@@ -292,7 +317,8 @@ class HMTForCausalLM(nn.Module):
         for row in rows:
             tokens = seg_ids[row, : int(seg_lengths[row])]
             if use_sensory:
-                tokens = torch.cat([state.sensory_ids[row][state.sensory_mask[row]], tokens])
+                recent = state.recent_ids[row][state.recent_mask[row]]
+                tokens = torch.cat([recent[max(0, len(recent) - self.config.num_sensory) :], tokens])
             pieces, prefix = embed(tokens), 0
             if read_slots is not None:
                 slots = read_slots[row]
@@ -319,10 +345,6 @@ class HMTForCausalLM(nn.Module):
         written = states.new_zeros(seg_ids.shape[0], r, states.shape[-1])
         written[torch.tensor(rows, device=states.device)] = states[row_index, write_positions]
         return logits, written
-
-    def _write(self, state: MemoryState, write_states: torch.Tensor, active: torch.Tensor) -> MemoryState:
-        """(4) M_n from the write slots' states, brought to embedding scale, appended to the cache."""
-        return state.with_memory(self.memory.to_memory(write_states), active, self.config.cache_size)
 
     # ---- backbone calls ---------------------------------------------------------------------
 
@@ -393,12 +415,12 @@ class HMTForCausalLM(nn.Module):
             )
         if (
             state.memories.shape[2] != self.memory_width
-            or state.sensory_ids.shape[1] != self.config.num_sensory
+            or state.recent_ids.shape[1] != self.config.tokens_kept
         ):
             raise ValueError(
-                f"state was made by a model with memory width {state.memories.shape[2]} and "
-                f"{state.sensory_ids.shape[1]} sensory tokens; this model has {self.memory_width} and "
-                f"{self.config.num_sensory}"
+                f"state was made by a model with memory width {state.memories.shape[2]} that keeps "
+                f"{state.recent_ids.shape[1]} recent tokens; this model has {self.memory_width} and keeps "
+                f"{self.config.tokens_kept} (num_sensory and the causal query's summary_length)"
             )
         if state.next_token_logits.shape[1] != self.vocab_size:
             raise ValueError(
@@ -483,6 +505,23 @@ def _logits_kept(seq_len: int, segment_length: int, return_logits: bool, num_log
     if isinstance(num_logits, int) and not isinstance(num_logits, bool) and num_logits >= 0:
         return min(seq_len, num_logits)
     raise ValueError(f"num_logits must be a non-negative integer or None, got {num_logits!r}")
+
+
+def _recorded_steps(grad_segments: torch.Tensor | None, batch: int, num_steps: int) -> list[bool]:
+    """Per segment step: whether it is recorded for backward (grad enabled and marked in some row)."""
+    enabled = torch.is_grad_enabled()
+    if grad_segments is None:
+        return [enabled] * num_steps
+    if (
+        not isinstance(grad_segments, torch.Tensor)
+        or grad_segments.dtype != torch.bool
+        or tuple(grad_segments.shape) != (batch, num_steps)
+    ):
+        raise ValueError(
+            f"grad_segments must be a bool tensor of shape (batch, segments) = ({batch}, {num_steps}), got "
+            f"{getattr(grad_segments, 'shape', grad_segments)!r}"
+        )
+    return [enabled and bool(marked) for marked in grad_segments.any(dim=0).tolist()]
 
 
 def _padding_mask(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:

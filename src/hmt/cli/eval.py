@@ -18,6 +18,7 @@ from hmt.cli.options import (
     FullWindowOpt,
     NumSensoryOpt,
     OverwriteOpt,
+    RecallQueryOpt,
     SegmentLengthOpt,
     SplitOpt,
     SummaryLengthOpt,
@@ -36,6 +37,7 @@ def eval_command(
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
     summary_length: SummaryLengthOpt = None,
+    recall_query: RecallQueryOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Read the first this many tokens of the text.")] = 16384,
     data: DataOpt = "essays",
     split: SplitOpt = None,
@@ -94,7 +96,7 @@ def eval_command(
     results_path = check_output(out, RESULTS_NAME, overwrite)  # before anything long
     reading = given(
         segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-        summary_length=summary_length,
+        summary_length=summary_length, recall_query=recall_query,
     )  # fmt: skip
 
     quiet_transformers()

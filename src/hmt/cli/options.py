@@ -77,6 +77,9 @@ SegmentLengthOpt = Annotated[int | None, typer.Option(help=config_help("segment_
 NumSensoryOpt = Annotated[int | None, typer.Option(help=config_help("num_sensory") + " Default: 32.")]
 CacheSizeOpt = Annotated[int | None, typer.Option(help=config_help("cache_size") + " Default: 300.")]
 SummaryLengthOpt = Annotated[int | None, typer.Option(help=config_help("summary_length"))]
+RecallQueryOpt = Annotated[
+    str | None, typer.Option(help=config_help("recall_query") + " Default: the adapter's, else causal.")
+]
 MemoryTokensOpt = Annotated[int | None, typer.Option(help=config_help("memory_tokens") + " Default: 1.")]
 MemoryLayerOpt = Annotated[
     int | None, typer.Option(help=config_help("memory_layer") + " Default: the final hidden state.")
