@@ -67,6 +67,36 @@ def plot_recall_distances(report: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, plt, path)
 
 
+def plot_needle(report: dict[str, Any], row: str, path: str | Path) -> Path:
+    """Heatmap of greedy exact match over context length (x) and fact depth (y) for one row of `hmt needle`."""
+    plt = _pyplot()
+    cells = report["rows"][row]
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    value = {(c["length"], c["depth"]): c["exact_match"] for c in cells}
+    grid = [[value[length, depth] for length in lengths] for depth in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for y, depth_row in enumerate(grid):
+        for x, v in enumerate(depth_row):
+            ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lengths)), [_tokens(length) for length in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth of the fact")
+    config = report["config"]
+    ax.set_title(
+        f"{row}: {config['task']} exact match % ({config['trials']} trials per cell, "
+        f"mean {100 * report['means'][row]['exact_match']:.0f}%)"
+    )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, plt, path)
+
+
+def _tokens(count: int) -> str:
+    return f"{count // 1024}K" if count % 1024 == 0 else str(count)
+
+
 def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
     """Two panels over stream length: tokens per second, and memory above the loaded model, per mode."""
     plt = _pyplot()

@@ -49,6 +49,8 @@ class RunSettings:
     lora_targets: tuple[str, ...] | None = None  # None: peft's choice for the architecture
     model: dict[str, Any] = field(default_factory=dict)  # HMTConfig fields to set (else defaults / init's)
     init_from: Path | None = None  # a stage-1 run folder or an adapter folder
+    tasks: tuple[str, ...] = ()  # recall tasks (hmt.tasks) trained on, haystacks from `data`; () = plain text
+    text_every: int = 0  # with tasks: every this-many-th batch is plain text (0: never)
 
     def __post_init__(self) -> None:
         from hmt.backbone import FINETUNE_MODES, resolve_device
@@ -59,6 +61,13 @@ class RunSettings:
         if not self.data:
             raise ValueError("give at least one training text")
         HMTConfig(**self.model)  # a bad model setting fails now, not after loading
+        from hmt.tasks import TASKS
+
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown recall tasks {unknown}; choose among {', '.join(TASKS)}")
+        if self.text_every < 0 or (self.text_every and not self.tasks):
+            raise ValueError("text_every must be >= 0 and is used only with recall tasks")
 
 
 def train_run(
@@ -97,12 +106,23 @@ def train_run(
         settings.validation_tokens,
     )  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
+    if config.streaming and settings.tasks:
+        raise ValueError("recall tasks are independent samples: train them without --streaming")
     if config.streaming:
         source = StreamLanes(train_stream, config.batch_size, rank, world)
         source.batch(0, config.max_unroll * model.config.segment_length)  # too little text fails now
         source.load_state_dict({"position": 0})
     else:
         source = RandomWindows(train_stream, config.batch_size, config.seed, rank, world)
+        source.batch(0, config.max_unroll * model.config.segment_length)
+    if settings.tasks:
+        from hmt.tasks import RecallTasks, TaskBatches
+
+        source = TaskBatches(
+            RecallTasks(backbone.tokenizer, train_stream), settings.tasks, model.config.segment_length,
+            config.batch_size, config.seed, text=source if settings.text_every else None,
+            text_every=settings.text_every, rank=rank, world=world,
+        )  # fmt: skip
         source.batch(0, config.max_unroll * model.config.segment_length)
     set_trainable_memory(model, config.mode)
     if announce is not None:

@@ -226,6 +226,8 @@ def train(
             with accelerator.accumulate(wrapped):
                 out = wrapped(
                     ids,
+                    attention_mask=_on(batch.attention_mask, accelerator.device),
+                    grad_segments=_on(batch.grad_segments, accelerator.device),
                     labels=labels,
                     state=state if source.streaming else None,
                     mode=config.mode,
@@ -306,6 +308,10 @@ def train(
         validation=next((r for r in reversed(history) if "val_ppl" in r), None),
         history=history,
     )
+
+
+def _on(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+    return tensor.to(device) if tensor is not None else None
 
 
 def _loss_labels(labels: torch.Tensor, config: TrainConfig, segment_length: int) -> torch.Tensor:

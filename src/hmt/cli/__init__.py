@@ -13,6 +13,7 @@ import typer
 from hmt.cli.bench import bench_command
 from hmt.cli.eval import eval_command
 from hmt.cli.inspect import inspect_command, version_command
+from hmt.cli.needle import needle_command
 from hmt.cli.train import train_command
 
 DEBUG_VARIABLE = "HMT_DEBUG"
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.command("eval")(eval_command)
 app.command("train")(train_command)
+app.command("needle")(needle_command)
 app.command("bench")(bench_command)
 app.command("inspect")(inspect_command)
 app.command("version")(version_command)

@@ -18,12 +18,12 @@ from rich.progress import (
 class ModeProgress:
     """One bar per mode, usable as run_eval's progress callback (mode, tokens done, tokens in all)."""
 
-    def __init__(self, console: Console, modes: tuple[str, ...], total: int) -> None:
+    def __init__(self, console: Console, modes: tuple[str, ...], total: int, unit: str = "tokens") -> None:
         self.bar = Progress(
             TextColumn("{task.description:>8}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("tokens"),
+            TextColumn(unit),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,

@@ -15,10 +15,12 @@ from hmt.cli.options import (
     MemoryLayerOpt,
     MemoryTokensOpt,
     NumSensoryOpt,
+    RecallQueryOpt,
     SegmentLengthOpt,
     SummaryLengthOpt,
     config_help,
     given,
+    split_list,
     train_help,
 )
 
@@ -59,6 +61,7 @@ def train_command(
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
     summary_length: SummaryLengthOpt = None,
+    recall_query: RecallQueryOpt = None,
     memory_tokens: MemoryTokensOpt = None,
     memory_layer: MemoryLayerOpt = None,
     memory_norm: Annotated[
@@ -67,6 +70,16 @@ def train_command(
     attention_sink: Annotated[
         bool | None, typer.Option(help=config_help("attention_sink") + " Default: on.")
     ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Train on a long-range recall task (repeat for several): passkey, needle, multikey, facts; "
+            "haystacks from --data, loss on the answer only, HMT's gradient shortcut. Default: plain text."
+        ),
+    ] = None,
+    text_every: Annotated[
+        int, typer.Option(help="With --task: every this-many-th batch is plain text (0: never).")
+    ] = 0,
     mode: Annotated[str | None, typer.Option(help=train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=train_help("batch_size"))] = None,
@@ -121,9 +134,10 @@ def train_command(
         max_train_tokens=max_train_tokens, validation_data=validation_data,
         validation_tokens=validation_tokens, finetune=finetune, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_targets=tuple(lora_targets) if lora_targets else None, init_from=init_from,
+        tasks=tuple(split_list(",".join(task))) if task else (), text_every=text_every,
         model=given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-            summary_length=summary_length, memory_tokens=memory_tokens, memory_layer=memory_layer,
+            summary_length=summary_length, recall_query=recall_query, memory_tokens=memory_tokens, memory_layer=memory_layer,
             memory_norm=memory_norm, attention_sink=attention_sink,
         ),
     )  # fmt: skip

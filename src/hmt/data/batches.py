@@ -17,6 +17,8 @@ class Batch:
     input_ids: torch.Tensor  # (batch, window)
     labels: torch.Tensor  # (batch, window), -100 where not scored
     reset: torch.Tensor  # (batch,) bool: rows starting a new pass (their carried memory is emptied)
+    attention_mask: torch.Tensor | None = None  # (batch, window): rows of different lengths, right-padded
+    grad_segments: torch.Tensor | None = None  # (batch, segments) bool: the gradient shortcut (model.forward)
 
 
 class BatchSource(Protocol):
