@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -90,6 +91,9 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
         (["--mode", "hmt", "--max-train-tokens", "100", "--unroll", "8"], "fewer than one sample"),
         (["--mode", "hmt", "--finetune", "half"], "finetune must be one of"),
         (["--mode", "hmt", "--device", "foo"], "unknown device 'foo'"),
+        (["--mode", "hmt", "--task", "trivia"], "unknown recall tasks ['trivia']"),
+        (["--mode", "hmt", "--text-every", "2"], "used only with recall tasks"),
+        (["--mode", "hmt", "--task", "passkey", "--streaming"], "without --streaming"),
     ],
 )
 def test_bad_requests(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path, extra, message):
@@ -162,3 +166,15 @@ def test_a_fully_fine_tuned_adapter_is_evaluated_on_its_own_backbone(
         reports["tuned"]["modes"]["backbone"]["ppl"],
     )
     assert tuned != pytest.approx(untouched, rel=1e-4)  # the fine-tuned weights are really read
+
+
+def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "task"
+    extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "6", "--max-steps", "4")
+    code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, out, *extra))
+    assert code == 0, err
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["tasks"] == ["passkey"] and settings["text_every"] == 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    assert (out / "final" / "hmt_config.json").exists()
