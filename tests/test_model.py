@@ -171,6 +171,20 @@ def test_batched_queries_equal_one_query_pass_per_segment(arch, recall_query):
     torch.testing.assert_close(batched, one_by_one, atol=ATOL, rtol=0)
 
 
+def test_an_adapter_remembers_its_query_and_can_be_read_with_the_other(tmp_path):
+    model = tiny_hmt("llama", recall_query="paper")
+    ids = random_ids(1, 40)
+    model.save_pretrained(tmp_path / "ad")
+    paper = HMTForCausalLM.from_pretrained(tmp_path / "ad", model.backbone)
+    causal = HMTForCausalLM.from_pretrained(tmp_path / "ad", model.backbone, recall_query="causal")
+    assert paper.config.recall_query == "paper" and causal.config.recall_query == "causal"
+    with torch.no_grad():
+        torch.testing.assert_close(paper(ids).token_losses, model(ids).token_losses, atol=ATOL, rtol=0)
+        with model.reading(recall_query="causal"):
+            torch.testing.assert_close(causal(ids).token_losses, model(ids).token_losses, atol=ATOL, rtol=0)
+        assert not torch.allclose(causal(ids).token_losses, paper(ids).token_losses)
+
+
 def test_causal_recall_never_reads_the_segment_it_serves():
     """Changing the tokens of segment n (and after) leaves the recall of segments <= n unchanged under the
     causal query; under the paper's query the segment's own tokens move its recall."""
