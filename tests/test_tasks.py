@@ -200,3 +200,29 @@ def test_needle_config_errors():
         NeedleConfig(rows=("hmt", "oracle"))
     with pytest.raises(ValueError, match="depths are fractions"):
         NeedleConfig(depths=(50,))
+
+
+def test_answer_in_memory_reads_the_fact_segments_memory_with_the_lm_head(tasks, pair):
+    from hmt import HMTConfig, HMTForCausalLM
+    from hmt.tasks import AnswerInMemory
+
+    _, backbone = pair
+    model = HMTForCausalLM(
+        backbone, HMTConfig(segment_length=32, num_sensory=4, cache_size=16, memory_tokens=3)
+    )
+    source = TaskBatches(tasks, ("passkey",), segment_length=32, batch_size=2, seed=1)
+    batch = source.batch(0, 160)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                grad_segments=batch.grad_segments)  # fmt: skip
+    term = AnswerInMemory(0.5)(model, batch, batch.labels, out)
+    rows = torch.arange(2)
+    written = out.state.memories[rows, batch.fact_segments].view(2, 3, -1) / model.memory.memory_scale
+    logits = backbone.get_output_embeddings()(written)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answer_ids[:, :3].flatten())
+    torch.testing.assert_close(term, expected)
+    term.backward()
+    assert model.memory.memory_scale.grad is not None and model.memory.memory_scale.grad != 0
+    from hmt.data import RandomWindows
+
+    plain = RandomWindows(tasks.haystack, 2, seed=0).batch(0, 64)  # plain text carries no answer
+    assert AnswerInMemory(0.5)(model, plain, plain.labels, model(plain.input_ids)) is None

@@ -93,6 +93,7 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
         (["--mode", "hmt", "--device", "foo"], "unknown device 'foo'"),
         (["--mode", "hmt", "--task", "trivia"], "unknown recall tasks ['trivia']"),
         (["--mode", "hmt", "--text-every", "2"], "used only with recall tasks"),
+        (["--mode", "hmt", "--answer-in-memory", "1"], "used only with recall tasks"),
         (["--mode", "hmt", "--task", "passkey", "--streaming"], "without --streaming"),
     ],
 )
@@ -170,11 +171,17 @@ def test_a_fully_fine_tuned_adapter_is_evaluated_on_its_own_backbone(
 
 def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "task"
-    extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "6", "--max-steps", "4")
+    extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "6", "--max-steps", "4",
+             "--memory-tokens", "2", "--answer-in-memory", "0.5")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, out, *extra))
     assert code == 0, err
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert settings["tasks"] == ["passkey"] and settings["text_every"] == 2
+    assert (
+        settings["tasks"] == ["passkey"]
+        and settings["text_every"] == 2
+        and settings["answer_in_memory"] == 0.5
+    )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    assert any("answer_in_memory" in r for r in log)
     assert (out / "final" / "hmt_config.json").exists()

@@ -317,6 +317,8 @@ class TaskBatches:
         labels = torch.full_like(ids, -100)
         mask = torch.zeros_like(ids)
         record = torch.zeros(len(samples), -(-width // length), dtype=torch.bool)
+        answers = torch.full((len(samples), max(len(s.answer) for s in samples)), -100, dtype=torch.long)
+        fact_segments = torch.tensor([(s.asked_span[1] - 1) // length for s in samples])
         for row, (sample, (row_ids, row_labels)) in enumerate(zip(samples, sequences, strict=True)):
             ids[row, : len(row_ids)], labels[row, : len(row_ids)], mask[row, : len(row_ids)] = (
                 row_ids,
@@ -326,4 +328,45 @@ class TaskBatches:
             first, last = sample.asked_span
             record[row, first // length : (last - 1) // length + 1] = True  # the asked fact
             record[row, (len(sample.context) - 1) // length :] = True  # the question and the answer
-        return Batch(ids, labels, torch.ones(len(samples), dtype=torch.bool), mask, record)
+            answers[row, : len(sample.answer)] = sample.answer
+        reset = torch.ones(len(samples), dtype=torch.bool)
+        return Batch(ids, labels, reset, mask, record, answers, fact_segments)
+
+
+class AnswerInMemory:
+    """The answer-in-memory loss, an auxiliary training term for recall tasks (`hmt.train.AuxiliaryLoss`).
+
+    The memory written by the segment holding the asked fact, brought back to hidden-state scale, is read
+    by the backbone's own LM head: its slot i must predict the answer's token i (for the first
+    `memory_tokens` answer tokens). This tells the write what to gather: without it, a write and a read
+    that both start random must find each other through the answer's loss alone, and in our one-segment
+    probe neither moved in 150 steps (docs/results.md). Needs memories as wide as the LM head's input.
+    """
+
+    name = "answer_in_memory"
+    needs_logits = False
+
+    def __init__(self, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"the answer-in-memory weight must be > 0, got {weight}")
+        self.weight = weight
+
+    def __call__(self, model, batch: Batch, labels: torch.Tensor, out) -> torch.Tensor | None:
+        if batch.answer_ids is None or batch.fact_segments is None:
+            return None  # a plain-text batch
+        memories = out.state.memories  # (batch, slots, r * d), the newest last; one slot per segment read
+        steps = -(-batch.input_ids.shape[1] // model.config.segment_length)
+        back = steps - batch.fact_segments.to(memories.device)  # how many slots from the end
+        if int(back.max()) > memories.shape[1]:
+            return None  # the fact's memory was evicted (a cache smaller than the sample)
+        rows = torch.arange(memories.shape[0], device=memories.device)
+        written = memories[rows, memories.shape[1] - back]  # (batch, r * d)
+        r = model.config.memory_tokens
+        slots = written.view(len(rows), r, -1)
+        if model.memory.output_proj is not None:
+            raise ValueError("the answer-in-memory loss needs memories as wide as the backbone's output")
+        scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
+        head = model.backbone.get_output_embeddings()
+        targets = batch.answer_ids[:, :r].to(memories.device)
+        logits = head((slots[:, : targets.shape[1]] / scale).to(head.weight.dtype)).float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

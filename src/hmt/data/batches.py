@@ -19,6 +19,8 @@ class Batch:
     reset: torch.Tensor  # (batch,) bool: rows starting a new pass (their carried memory is emptied)
     attention_mask: torch.Tensor | None = None  # (batch, window): rows of different lengths, right-padded
     grad_segments: torch.Tensor | None = None  # (batch, segments) bool: the gradient shortcut (model.forward)
+    answer_ids: torch.Tensor | None = None  # (batch, answer) recall tasks: the answer's tokens, -100 padded
+    fact_segments: torch.Tensor | None = None  # (batch,) recall tasks: the segment that wrote the asked fact
 
 
 class BatchSource(Protocol):
