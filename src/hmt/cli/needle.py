@@ -20,7 +20,6 @@ from hmt.cli.options import (
     DtypeOpt,
     NumSensoryOpt,
     OverwriteOpt,
-    RecallQueryOpt,
     SegmentLengthOpt,
     given,
     split_ints,
@@ -57,7 +56,6 @@ def needle_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
-    recall_query: RecallQueryOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Folder for results.json and heatmaps; default runs/needle-<time>.")
     ] = None,
@@ -94,9 +92,10 @@ def needle_command(
     results_path = check_output(out, RESULTS_NAME, overwrite)
     quiet_transformers()
     with console.status("loading the backbone"):
+        # Always the causal query: the paper's would put each candidate answer in its own recall query.
         reading = given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-            recall_query=recall_query,
+            recall_query="causal",
         )  # fmt: skip
         model, _, plain, labels = load_models(backbone, adapter, reading, dtype, device, seed, False)
         model.eval()
