@@ -547,18 +547,3 @@ def test_recall_starts_as_a_similarity_search():
     assert similar.memory.key_proj.weight is not similar.memory.query_proj.weight  # tied at the start only
     independent = tiny_hmt("llama", recall_init="independent")
     assert not torch.allclose(independent.memory.key_proj.weight, independent.memory.query_proj.weight)
-
-
-def test_vocab_memory_is_the_expected_token_embedding_of_each_write_slot():
-    vocab = tiny_hmt("llama", memory_norm="vocab", memory_tokens=2)
-    raw = HMTForCausalLM(vocab.backbone, vocab.config.replace(memory_norm="none"))
-    raw.memory.load_state_dict(vocab.memory.state_dict())  # the same m0: the same first segment
-    ids = random_ids(1, 8)  # one segment
-    with torch.no_grad():
-        written = raw(ids).state.memories[0, -1].view(2, -1)  # the write slots' final hidden states
-        memory = vocab(ids).state.memories[0, -1].view(2, -1)
-        probabilities = vocab.backbone.get_output_embeddings()(written).softmax(-1)
-    expected = probabilities @ vocab.backbone.get_input_embeddings().weight
-    torch.testing.assert_close(memory, expected, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="leave memory_layer unset"):
-        HMTConfig(memory_norm="vocab", memory_layer=1)

@@ -19,8 +19,8 @@ MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
 MEMORY_MODES: tuple[str, ...] = ("memory_off", "rmt", "hmt")
 # Modes that write each segment's memory into the cache (memory_off only ever reads m0).
 WRITING_MODES: tuple[str, ...] = ("rmt", "hmt")
-MemoryNorm = Literal["learned", "match", "none", "vocab"]
-MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none", "vocab")
+MemoryNorm = Literal["learned", "match", "none"]
+MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 RECALL_INITS: tuple[str, ...] = ("similarity", "independent")
 RECALL_QUERIES: tuple[str, ...] = ("causal", "paper")
 IGNORE_INDEX = -100  # a label that is not scored (the transformers convention)
@@ -90,9 +90,7 @@ class HMTConfig:
         metadata={
             "help": "How written memories are brought to the scale of token embeddings (final hidden states "
             "are ~17x larger on SmolLM2): learned (a learned scale, initialised at the measured ratio), "
-            "match (rescaled to the mean embedding norm), none (raw, as in the paper's code), vocab (the "
-            "expected token embedding under the backbone's own LM head at each write slot: memories are "
-            "read as the tokens the slot predicts, which the backbone already knows how to copy)."
+            "match (rescaled to the mean embedding norm), none (raw, as in the paper's code)."
         },
     )
     recall_norm: bool = field(
@@ -152,10 +150,6 @@ class HMTConfig:
         _require_int("memory_tokens", self.memory_tokens, minimum=1)
         if self.memory_layer is not None:
             _require_int("memory_layer", self.memory_layer, minimum=1)
-        if self.memory_norm == "vocab" and self.memory_layer is not None:
-            raise ValueError(
-                "memory_norm = vocab reads the final hidden state with the LM head: leave memory_layer unset"
-            )
         if self.recall_dim is not None:
             _require_int("recall_dim", self.recall_dim, minimum=1)
         _require_choice("memory_norm", self.memory_norm, MEMORY_NORMS)

@@ -217,7 +217,7 @@ class HMTForCausalLM(nn.Module):
                     recall_weights.append(weights)
                 logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone")
                 scores.add_segment(start, seg_lengths, logits)
-                memory = self._to_memory(written) if mode in WRITING_MODES else None
+                memory = self.memory.to_memory(written) if mode in WRITING_MODES else None
             if memory is not None:  # outside the block: a forward-only step must not detach the whole cache
                 state = state.with_memory(memory, seg_lengths > 0, self.config.cache_size)
             state = state.with_tokens_read(seg_ids, seg_lengths)
@@ -345,15 +345,6 @@ class HMTForCausalLM(nn.Module):
         written = states.new_zeros(seg_ids.shape[0], r, states.shape[-1])
         written[torch.tensor(rows, device=states.device)] = states[row_index, write_positions]
         return logits, written
-
-    def _to_memory(self, written: torch.Tensor) -> torch.Tensor:
-        """(4) M_n from the write slots' states (batch, r, output_dim): brought to embedding scale, or with
-        memory_norm = vocab the expected token embedding under the backbone's LM head, (batch, r * d)."""
-        if self.config.memory_norm != "vocab":
-            return self.memory.to_memory(written)
-        head = self.backbone.get_output_embeddings()
-        probabilities = head(written.to(head.weight.dtype)).float().softmax(dim=-1)
-        return (probabilities @ self.backbone.get_input_embeddings().weight.float()).flatten(-2)
 
     # ---- backbone calls ---------------------------------------------------------------------
 
