@@ -204,7 +204,7 @@ def test_needle_config_errors():
 
 def test_answer_in_memory_reads_the_fact_segments_memory_with_the_lm_head(tasks, pair):
     from hmt import HMTConfig, HMTForCausalLM
-    from hmt.tasks import AnswerInMemory
+    from hmt.tasks import RecallSupervision
 
     _, backbone = pair
     model = HMTForCausalLM(
@@ -214,7 +214,7 @@ def test_answer_in_memory_reads_the_fact_segments_memory_with_the_lm_head(tasks,
     batch = source.batch(0, 160)
     out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                 grad_segments=batch.grad_segments)  # fmt: skip
-    term = AnswerInMemory(0.5)(model, batch, batch.labels, out)
+    term = RecallSupervision(1.0)(model, batch, batch.labels, out)
     rows = torch.arange(2)
     written = out.state.memories[rows, batch.fact_segments].view(2, 3, -1) / model.memory.memory_scale
     logits = backbone.get_output_embeddings()(written)
@@ -225,4 +225,20 @@ def test_answer_in_memory_reads_the_fact_segments_memory_with_the_lm_head(tasks,
     from hmt.data import RandomWindows
 
     plain = RandomWindows(tasks.haystack, 2, seed=0).batch(0, 64)  # plain text carries no answer
-    assert AnswerInMemory(0.5)(model, plain, plain.labels, model(plain.input_ids)) is None
+    assert RecallSupervision(0.5)(model, plain, plain.labels, model(plain.input_ids)) is None
+
+
+def test_recall_loss_pulls_the_answer_segments_recall_toward_the_fact(tasks, pair):
+    from hmt import HMTConfig, HMTForCausalLM
+    from hmt.tasks import RecallSupervision
+
+    _, backbone = pair
+    model = HMTForCausalLM(backbone, HMTConfig(segment_length=32, num_sensory=4, cache_size=16))
+    batch = TaskBatches(tasks, ("needle",), segment_length=32, batch_size=2, seed=2).batch(0, 192)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    term = RecallSupervision(0.0, recall_weight=1.0)(model, batch, batch.labels, out)
+    weights = out.recall_weights[-1]  # over the memories of segments 0 .. answer - 1, oldest first
+    expected = -weights[torch.arange(2), batch.fact_segments].log().mean()
+    torch.testing.assert_close(term, expected)
+    term.backward()
+    assert model.memory.query_proj.weight.grad.abs().sum() > 0

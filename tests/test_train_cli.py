@@ -172,7 +172,7 @@ def test_a_fully_fine_tuned_adapter_is_evaluated_on_its_own_backbone(
 def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "task"
     extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "6", "--max-steps", "4",
-             "--memory-tokens", "2", "--answer-in-memory", "0.5")  # fmt: skip
+             "--memory-tokens", "2", "--answer-in-memory", "0.5", "--recall-loss", "0.1")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, out, *extra))
     assert code == 0, err
     settings = json.loads((out / "run.json").read_text())["settings"]
@@ -183,5 +183,5 @@ def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_mode
     )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
-    assert any("answer_in_memory" in r for r in log)
+    assert any("recall_supervision" in r for r in log)
     assert (out / "final" / "hmt_config.json").exists()

@@ -51,9 +51,8 @@ class RunSettings:
     init_from: Path | None = None  # a stage-1 run folder or an adapter folder
     tasks: tuple[str, ...] = ()  # recall tasks (hmt.tasks) trained on, haystacks from `data`; () = plain text
     text_every: int = 0  # with tasks: every this-many-th batch is plain text (0: never)
-    answer_in_memory: float = (
-        0.0  # with tasks: weight of the answer-in-memory loss (hmt.tasks.AnswerInMemory)
-    )
+    answer_in_memory: float = 0.0  # with tasks: answer-in-memory loss weight (hmt.tasks.RecallSupervision)
+    recall_loss: float = 0.0  # with tasks: weight of the recall cross-entropy toward the fact's memory
 
     def __post_init__(self) -> None:
         from hmt.backbone import FINETUNE_MODES, resolve_device
@@ -71,8 +70,9 @@ class RunSettings:
             raise ValueError(f"unknown recall tasks {unknown}; choose among {', '.join(TASKS)}")
         if self.text_every < 0 or (self.text_every and not self.tasks):
             raise ValueError("text_every must be >= 0 and is used only with recall tasks")
-        if self.answer_in_memory < 0 or (self.answer_in_memory and not self.tasks):
-            raise ValueError("answer_in_memory must be >= 0 and is used only with recall tasks")
+        for name in ("answer_in_memory", "recall_loss"):
+            if getattr(self, name) < 0 or (getattr(self, name) and not self.tasks):
+                raise ValueError(f"{name} must be >= 0 and is used only with recall tasks")
 
 
 def train_run(
@@ -121,12 +121,12 @@ def train_run(
         source = RandomWindows(train_stream, config.batch_size, config.seed, rank, world)
         source.batch(0, config.max_unroll * model.config.segment_length)
     if settings.tasks:
-        from hmt.tasks import AnswerInMemory, RecallTasks, TaskBatches
+        from hmt.tasks import RecallSupervision, RecallTasks, TaskBatches
 
-        if settings.answer_in_memory:
+        if settings.answer_in_memory or settings.recall_loss:
             if auxiliary is not None:
-                raise ValueError("give either an auxiliary loss or answer_in_memory, not both")
-            auxiliary = AnswerInMemory(settings.answer_in_memory)
+                raise ValueError("give either an auxiliary loss or answer_in_memory / recall_loss, not both")
+            auxiliary = RecallSupervision(settings.answer_in_memory, settings.recall_loss)
 
         source = TaskBatches(
             RecallTasks(backbone.tokenizer, train_stream), settings.tasks, model.config.segment_length,

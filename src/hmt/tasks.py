@@ -333,23 +333,29 @@ class TaskBatches:
         return Batch(ids, labels, reset, mask, record, answers, fact_segments)
 
 
-class AnswerInMemory:
-    """The answer-in-memory loss, an auxiliary training term for recall tasks (`hmt.train.AuxiliaryLoss`).
+class RecallSupervision:
+    """Auxiliary training terms for recall tasks (an `hmt.train.AuxiliaryLoss`), each optional:
 
-    The memory written by the segment holding the asked fact, brought back to hidden-state scale, is read
-    by the backbone's own LM head: its slot i must predict the answer's token i (for the first
-    `memory_tokens` answer tokens). This tells the write what to gather: without it, a write and a read
-    that both start random must find each other through the answer's loss alone, and in our one-segment
-    probe neither moved in 150 steps (docs/results.md). Needs memories as wide as the LM head's input.
+    - answer in memory (`answer_weight`): the memory written by the segment holding the asked fact,
+      brought back to hidden-state scale, is read by the backbone's own LM head, and its slot i must
+      predict the answer's token i (for the first `memory_tokens` answer tokens). This tells the write
+      what to gather: without it, a write and a read that both start random must find each other through
+      the answer's loss alone, and in our one-segment probe neither moved in 150 steps (docs/results.md).
+    - recall (`recall_weight`): cross-entropy of the answer segment's recall weights against the fact's
+      memory (the official code's QA loss). Its gradient reaches the fact's score even when recall has
+      saturated on another entry, where the answer's loss gets none through a weight of 1e-20.
+
+    Needs memories as wide as the LM head's input, and a cache that still holds the fact's memory.
     """
 
-    name = "answer_in_memory"
+    name = "recall_supervision"
     needs_logits = False
+    weight = 1.0  # each term carries its own weight
 
-    def __init__(self, weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"the answer-in-memory weight must be > 0, got {weight}")
-        self.weight = weight
+    def __init__(self, answer_weight: float, recall_weight: float = 0.0) -> None:
+        if answer_weight < 0 or recall_weight < 0 or answer_weight + recall_weight == 0:
+            raise ValueError("recall supervision needs weights >= 0, at least one of them > 0")
+        self.answer_weight, self.recall_weight = answer_weight, recall_weight
 
     def __call__(self, model, batch: Batch, labels: torch.Tensor, out) -> torch.Tensor | None:
         if batch.answer_ids is None or batch.fact_segments is None:
@@ -360,13 +366,26 @@ class AnswerInMemory:
         if int(back.max()) > memories.shape[1]:
             return None  # the fact's memory was evicted (a cache smaller than the sample)
         rows = torch.arange(memories.shape[0], device=memories.device)
-        written = memories[rows, memories.shape[1] - back]  # (batch, r * d)
+        total = memories.new_zeros(())
+        if self.answer_weight:
+            total = total + self.answer_weight * self._answer_term(
+                model, batch, memories[rows, memories.shape[1] - back]
+            )
+        if self.recall_weight and out.recall_weights:
+            weights = out.recall_weights[-1]  # the answer's segment, over the memories written before it
+            target = weights.shape[1] - (back - 1)
+            log_weights = weights[rows, target].clamp_min(1e-30).log()
+            total = total - self.recall_weight * log_weights.mean()
+        return total
+
+    @staticmethod
+    def _answer_term(model, batch: Batch, written: torch.Tensor) -> torch.Tensor:
         r = model.config.memory_tokens
-        slots = written.view(len(rows), r, -1)
+        slots = written.view(written.shape[0], r, -1)
         if model.memory.output_proj is not None:
             raise ValueError("the answer-in-memory loss needs memories as wide as the backbone's output")
         scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
         head = model.backbone.get_output_embeddings()
-        targets = batch.answer_ids[:, :r].to(memories.device)
+        targets = batch.answer_ids[:, :r].to(written.device)
         logits = head((slots[:, : targets.shape[1]] / scale).to(head.weight.dtype)).float()
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
