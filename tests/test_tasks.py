@@ -214,12 +214,16 @@ def test_answer_in_memory_reads_the_fact_segments_memory_with_the_lm_head(tasks,
     batch = source.batch(0, 160)
     out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                 grad_segments=batch.grad_segments)  # fmt: skip
-    term = RecallSupervision(1.0)(model, batch, batch.labels, out)
+    supervision = RecallSupervision(1.0)
+    term = supervision(model, batch, batch.labels, out)
     rows = torch.arange(2)
     written = out.state.memories[rows, batch.fact_segments].view(2, 3, -1) / model.memory.memory_scale
     logits = backbone.get_output_embeddings()(written)
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.answer_ids[:, :3].flatten())
     torch.testing.assert_close(term, expected)
+    logged = supervision.drain_terms()  # each term apart in the training log, then emptied
+    assert logged == pytest.approx({"answer_loss": float(out.loss), "answer_in_memory": float(expected)})
+    assert supervision.drain_terms() == {}
     term.backward()
     assert model.memory.memory_scale.grad is not None and model.memory.memory_scale.grad != 0
     from hmt.data import RandomWindows
@@ -236,9 +240,11 @@ def test_recall_loss_pulls_the_answer_segments_recall_toward_the_fact(tasks, pai
     model = HMTForCausalLM(backbone, HMTConfig(segment_length=32, num_sensory=4, cache_size=16))
     batch = TaskBatches(tasks, ("needle",), segment_length=32, batch_size=2, seed=2).batch(0, 192)
     out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-    term = RecallSupervision(0.0, recall_weight=1.0)(model, batch, batch.labels, out)
+    supervision = RecallSupervision(0.0, recall_weight=1.0)
+    term = supervision(model, batch, batch.labels, out)
     weights = out.recall_weights[-1]  # over the memories of segments 0 .. answer - 1, oldest first
     expected = -weights[torch.arange(2), batch.fact_segments].log().mean()
     torch.testing.assert_close(term, expected)
+    assert supervision.drain_terms()["recall_ce"] == pytest.approx(float(expected))
     term.backward()
     assert model.memory.query_proj.weight.grad.abs().sum() > 0

@@ -184,4 +184,6 @@ def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_mode
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     assert any("recall_supervision" in r for r in log)
+    logged = [r for r in log if "answer_in_memory" in r]  # each term apart, on the steps that had recall batches
+    assert logged and all("answer_loss" in r and "recall_ce" in r for r in logged)
     assert (out / "final" / "hmt_config.json").exists()

@@ -346,6 +346,7 @@ class RecallSupervision:
       saturated on another entry, where the answer's loss gets none through a weight of 1e-20.
 
     Needs memories as wide as the LM head's input, and a cache that still holds the fact's memory.
+    The training log gets each term apart (`drain_terms`), with the answer's own loss on recall batches.
     """
 
     name = "recall_supervision"
@@ -356,6 +357,16 @@ class RecallSupervision:
         if answer_weight < 0 or recall_weight < 0 or answer_weight + recall_weight == 0:
             raise ValueError("recall supervision needs weights >= 0, at least one of them > 0")
         self.answer_weight, self.recall_weight = answer_weight, recall_weight
+        self._terms: dict[str, list[float]] = {}
+
+    def drain_terms(self) -> dict[str, float]:
+        """Mean of each term (unweighted) since the last call: answer_loss, answer_in_memory, recall_ce."""
+        means = {name: sum(values) / len(values) for name, values in self._terms.items() if values}
+        self._terms = {}
+        return means
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        self._terms.setdefault(name, []).append(float(value.detach()))
 
     def __call__(self, model, batch: Batch, labels: torch.Tensor, out) -> torch.Tensor | None:
         if batch.answer_ids is None or batch.fact_segments is None:
@@ -367,15 +378,18 @@ class RecallSupervision:
             return None  # the fact's memory was evicted (a cache smaller than the sample)
         rows = torch.arange(memories.shape[0], device=memories.device)
         total = memories.new_zeros(())
+        if out.loss is not None:
+            self._keep("answer_loss", out.loss)
         if self.answer_weight:
-            total = total + self.answer_weight * self._answer_term(
-                model, batch, memories[rows, memories.shape[1] - back]
-            )
+            term = self._answer_term(model, batch, memories[rows, memories.shape[1] - back])
+            self._keep("answer_in_memory", term)
+            total = total + self.answer_weight * term
         if self.recall_weight and out.recall_weights:
             weights = out.recall_weights[-1]  # the answer's segment, over the memories written before it
             target = weights.shape[1] - (back - 1)
-            log_weights = weights[rows, target].clamp_min(1e-30).log()
-            total = total - self.recall_weight * log_weights.mean()
+            term = -weights[rows, target].clamp_min(1e-30).log().mean()
+            self._keep("recall_ce", term)
+            total = total + self.recall_weight * term
         return total
 
     @staticmethod

@@ -272,6 +272,7 @@ def train(
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "unroll": config.unroll_at(step - 1),
                 **({auxiliary.name: sum(extra) / len(extra)} if auxiliary and extra else {}),
+                **(auxiliary.drain_terms() if hasattr(auxiliary, "drain_terms") else {}),
                 **memory_diagnostics(model, out),
             }
             losses, extra, interval_start, interval_tokens = [], [], now, 0

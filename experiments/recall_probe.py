@@ -1,0 +1,178 @@
+"""Where is recall's signal lost? Fit W_q, W_k offline on the queries and memories a model really makes.
+
+The model (an adapter, forward only) reads pass-key samples of `--segments` segments; for each one we keep
+the answer segment's recall query, the cached memories and which slot holds the asked fact. Then:
+
+- `adapter`: how often the adapter's own recall puts its largest weight on the fact's memory;
+- `cosine`: the raw similarity of query and memory (no projections);
+- `fit`: W_q, W_k trained from the adapter's values by cross-entropy toward the fact's slot on the
+  training samples, measured on held-out ones (test-split haystacks): can a linear recall find the fact
+  in these features at all? `fit-centred` does the same with each key centred on its cache's mean key.
+
+    .venv/bin/python -m experiments.recall_probe --adapter runs/recall-hmt/final --out runs/recall-probe
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from experiments.cli import run, tool
+from hmt.backbone import flush_denormals, load_backbone
+from hmt.data.corpus import load_documents, token_stream
+from hmt.model import HMTForCausalLM
+from hmt.recall import _rms_normalise
+from hmt.tasks import RecallTasks
+
+
+def collect(model: HMTForCausalLM, tasks: RecallTasks, count: int, segments: int, seed: int) -> dict:
+    """Queries (n, d), memories (n, slots, r*d) and fact slots (n,) of `count` pass-key samples."""
+    length = model.config.segment_length
+    recorded: list[tuple] = []
+    original = model.memory.recall
+
+    def spy(query, memories, mask):
+        recorded.append((query.detach(), memories.detach(), mask.detach()))
+        return original(query, memories, mask)
+
+    model.memory.recall = spy
+    queries, memories, facts, answers = [], [], [], []
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for _ in range(count):
+                sample = tasks.sample("passkey", segments * length, float(torch.rand(1, generator=g)), g)
+                ids, _ = sample.sequence()
+                recorded.clear()
+                model(ids[None], mode="hmt")
+                query, cache, mask = recorded[-1]  # the answer's segment
+                queries.append(query[0])
+                memories.append(cache[0, mask[0]])
+                facts.append((sample.asked_span[1] - 1) // length)
+                answers.append(sample.answer)
+    finally:
+        model.memory.recall = original
+    slots = min(m.shape[0] for m in memories)
+    return {
+        "queries": torch.stack(queries),
+        "memories": torch.stack([m[-slots:] for m in memories]),
+        "facts": torch.tensor(facts) - (torch.tensor([m.shape[0] for m in memories]) - slots),
+        "answers": answers,
+    }
+
+
+def write_accuracy(model: HMTForCausalLM, data: dict) -> dict[str, float]:
+    """Does the fact's memory hold the answer? The LM head on its slots (answer-in-memory read-out)."""
+    r = model.config.memory_tokens
+    head = model.backbone.get_output_embeddings()
+    scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
+    rows = torch.arange(len(data["facts"]))
+    written = data["memories"][rows, data["facts"]].view(len(rows), r, -1) / scale
+    predicted = head(written.to(head.weight.dtype)).argmax(-1)
+    tokens, exact = [], []
+    for row, answer in enumerate(data["answers"]):
+        n = min(r, len(answer))
+        hits = predicted[row, :n] == answer[:n]
+        tokens.append(float(hits.float().mean()))
+        exact.append(bool(hits.all()))
+    return {"token_accuracy": sum(tokens) / len(tokens), "exact": sum(exact) / len(exact)}
+
+
+def keys_in(memory_module, memories: torch.Tensor, centred: bool) -> torch.Tensor:
+    """What W_k reads: the mean of each memory's (normalised) embeddings, optionally centred per cache."""
+    embeddings = memory_module.as_tokens(memories)
+    keys = (_rms_normalise(embeddings) if memory_module.recall_norm else embeddings).mean(dim=-2)
+    return keys - keys.mean(dim=1, keepdim=True) if centred else keys
+
+
+def scores(memory_module, q_proj, k_proj, data: dict, centred: bool) -> torch.Tensor:
+    query = _rms_normalise(data["queries"]) if memory_module.recall_norm else data["queries"]
+    q = q_proj(query)
+    k = k_proj(keys_in(memory_module, data["memories"], centred))
+    return torch.einsum("nh,nsh->ns", q, k) / math.sqrt(q.shape[-1])
+
+
+def accuracy(logits: torch.Tensor, facts: torch.Tensor) -> dict[str, float]:
+    weights = logits.softmax(-1)
+    return {
+        "top1": float((logits.argmax(-1) == facts).float().mean()),
+        "fact_weight": float(weights[torch.arange(len(facts)), facts].mean()),
+        "chance": 1.0 / logits.shape[1],
+    }
+
+
+def fit(memory_module, train: dict, test: dict, centred: bool, steps: int, lr: float) -> dict:
+    q_proj = torch.nn.Linear(memory_module.query_proj.in_features, memory_module.recall_dim, bias=False)
+    k_proj = torch.nn.Linear(memory_module.key_proj.in_features, memory_module.recall_dim, bias=False)
+    q_proj.load_state_dict(memory_module.query_proj.state_dict())
+    k_proj.load_state_dict(memory_module.key_proj.state_dict())
+    optimiser = torch.optim.AdamW([*q_proj.parameters(), *k_proj.parameters()], lr=lr, weight_decay=0.0)
+    curve = []
+    for step in range(1, steps + 1):
+        loss = torch.nn.functional.cross_entropy(
+            scores(memory_module, q_proj, k_proj, train, centred), train["facts"]
+        )
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % max(1, steps // 10) == 0:
+            with torch.no_grad():
+                curve.append(
+                    {"step": step, "train_loss": float(loss)}
+                    | accuracy(scores(memory_module, q_proj, k_proj, test, centred), test["facts"])
+                )
+    return {"curve": curve, "final": curve[-1]}
+
+
+app = tool(__doc__.splitlines()[0])
+
+
+@app.command()
+def main(
+    adapter: Annotated[Path, typer.Option(help="HMT adapter folder (HMT parameters + LoRA).")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json.")],
+    backbone: Annotated[str, typer.Option()] = "smollm2-135m",
+    segments: Annotated[int, typer.Option(help="Segments per sample (context + answer).")] = 8,
+    train_samples: Annotated[int, typer.Option()] = 96,
+    test_samples: Annotated[int, typer.Option()] = 48,
+    steps: Annotated[int, typer.Option(help="Steps of the offline fit.")] = 300,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    threads: Annotated[int, typer.Option()] = 2,
+) -> None:
+    torch.set_num_threads(threads)
+    flush_denormals()
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_backbone(backbone)
+    model = HMTForCausalLM.from_pretrained(adapter, loaded.model).eval()
+    started = time.time()
+    data = {}
+    for split, count, seed in (("train", train_samples, 1), ("test", test_samples, 2)):
+        haystack = token_stream(load_documents("essays", split), loaded.tokenizer)
+        data[split] = collect(model, RecallTasks(loaded.tokenizer, haystack), count, segments, seed)
+        print(f"collected {count} {split} samples in {time.time() - started:.0f}s", flush=True)
+    memory = model.memory
+    results = {"segments": segments, "slots": int(data["test"]["memories"].shape[1])}
+    with torch.no_grad():
+        results["adapter"] = accuracy(
+            scores(memory, memory.query_proj, memory.key_proj, data["test"], False), data["test"]["facts"]
+        )
+        q = torch.nn.functional.normalize(data["test"]["queries"], dim=-1)
+        k = torch.nn.functional.normalize(keys_in(memory, data["test"]["memories"], False), dim=-1)
+        results["cosine"] = accuracy(torch.einsum("nh,nsh->ns", q, k) * 20, data["test"]["facts"])
+        results["write"] = write_accuracy(model, data["test"])
+    print(json.dumps({k: results[k] for k in ("adapter", "cosine", "write")}), flush=True)
+    for centred in (False, True):
+        name = "fit-centred" if centred else "fit"
+        results[name] = fit(memory, data["train"], data["test"], centred, steps, lr)
+        print(name, json.dumps(results[name]["final"]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    run(app)
