@@ -103,6 +103,16 @@ def test_task_batches_score_the_answer_and_record_fact_question_and_answer(tasks
     assert not batch.grad_segments.all()  # some haystack segment runs forward-only
 
 
+def test_max_depth_keeps_facts_out_of_the_questions_segment(tasks):
+    """Depths in [0, 0.4] of an 8-segment context put every asked fact in its first half."""
+    source = TaskBatches(tasks, ("passkey",), segment_length=64, batch_size=4, seed=3, max_depth=0.4)
+    for index in range(3):
+        batch = source.batch(index, 512)
+        assert bool((batch.fact_segments <= 3).all())
+    with pytest.raises(ValueError, match="max_depth"):
+        TaskBatches(tasks, ("passkey",), 32, 2, 0, max_depth=0.0)
+
+
 def test_task_batches_mix_in_plain_text(tasks):
     from hmt.data import RandomWindows
 

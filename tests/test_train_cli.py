@@ -70,6 +70,13 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
     assert code == 1 and "has finished its 4 steps" in err and "--max-steps" in err
     assert (run / "summary.json").read_text() == summary
     assert (run / "final" / "hmt_adapter.safetensors").read_bytes() == adapter
+    # A run recorded before a setting existed ran with its default: resuming it is not refused for that.
+    record = json.loads((run / "run.json").read_text())
+    del record["settings"]["max_depth"], record["settings"]["train"]["bptt_depth"]
+    (run / "run.json").write_text(json.dumps(record))
+    five = train_args(tiny_model_dir, corpus, run, "--mode", "hmt", "--max-steps", "5", "--resume")
+    code, _, err = run_cli(monkeypatch, capsys, *five)
+    assert code == 0, err
     # A model setting recorded differently is a difference.
     record = json.loads((run / "run.json").read_text())
     record["settings"]["model"]["memory_layer"] = 1
@@ -184,6 +191,8 @@ def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_mode
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     assert any("recall_supervision" in r for r in log)
-    logged = [r for r in log if "answer_in_memory" in r]  # each term apart, on the steps that had recall batches
+    logged = [
+        r for r in log if "answer_in_memory" in r
+    ]  # each term apart, on the steps that had recall batches
     assert logged and all("answer_loss" in r and "recall_ce" in r for r in logged)
     assert (out / "final" / "hmt_config.json").exists()

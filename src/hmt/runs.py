@@ -53,6 +53,7 @@ class RunSettings:
     text_every: int = 0  # with tasks: every this-many-th batch is plain text (0: never)
     answer_in_memory: float = 0.0  # with tasks: answer-in-memory loss weight (hmt.tasks.RecallSupervision)
     recall_loss: float = 0.0  # with tasks: weight of the recall cross-entropy toward the fact's memory
+    max_depth: float = 1.0  # with tasks: facts at depths uniform in [0, max_depth]
 
     def __post_init__(self) -> None:
         from hmt.backbone import FINETUNE_MODES, resolve_device
@@ -70,6 +71,8 @@ class RunSettings:
             raise ValueError(f"unknown recall tasks {unknown}; choose among {', '.join(TASKS)}")
         if self.text_every < 0 or (self.text_every and not self.tasks):
             raise ValueError("text_every must be >= 0 and is used only with recall tasks")
+        if not 0 < self.max_depth <= 1 or (self.max_depth != 1 and not self.tasks):
+            raise ValueError("max_depth is a fraction in (0, 1] and is used only with recall tasks")
         for name in ("answer_in_memory", "recall_loss"):
             if getattr(self, name) < 0 or (getattr(self, name) and not self.tasks):
                 raise ValueError(f"{name} must be >= 0 and is used only with recall tasks")
@@ -131,7 +134,7 @@ def train_run(
         source = TaskBatches(
             RecallTasks(backbone.tokenizer, train_stream), settings.tasks, model.config.segment_length,
             config.batch_size, config.seed, text=source if settings.text_every else None,
-            text_every=settings.text_every, rank=rank, world=world,
+            text_every=settings.text_every, rank=rank, world=world, max_depth=settings.max_depth,
         )  # fmt: skip
         source.batch(0, config.max_unroll * model.config.segment_length)
     set_trainable_memory(model, config.mode)
@@ -208,7 +211,11 @@ def start_run(out: Path, settings: RunSettings, config: TrainConfig, resume: boo
     if resume:
         if not run_file.is_file():
             raise FileNotFoundError(f"nothing to resume: {out} holds no run ({RUN_FILE} missing)")
-        differences = _differences(read_json(run_file).get("settings", {}), record["settings"])
+        saved = read_json(run_file).get("settings", {})
+        # A setting added since the run began is missing from its record: the run had its default.
+        defaults = _record(RunSettings(data=settings.data), TrainConfig())["settings"]
+        saved = defaults | saved | {"train": defaults["train"] | saved.get("train", {})}
+        differences = _differences(saved, record["settings"])
         if differences:
             raise ValueError(
                 f"{out} was started with other settings ({'; '.join(differences)}); resume with the "

@@ -267,7 +267,8 @@ class TaskBatches:
     A sample's context fills the batch window (whole segments, the question at its end) and the answer's
     segment follows; only the answer is scored. HMT's gradient shortcut: only the segments holding the
     asked fact, the question and the answer are recorded for backward, so a sample costs about three
-    backward segments whatever the distance. The kind, depth (uniform) and, for multikey, the number of
+    backward segments whatever the distance. The kind, depth (uniform in [0, max_depth]: below 1, facts
+    stay out of the question's own segment, where the window reads them without memory) and, for multikey, the number of
     keys (2-4) of each sample are drawn from its seed. With `text`, every `text_every`-th batch is plain
     text instead (all tokens scored), so training on recall does not cost reading.
     """
@@ -285,7 +286,10 @@ class TaskBatches:
         text_every: int = 0,
         rank: int = 0,
         world: int = 1,
+        max_depth: float = 1.0,
     ) -> None:
+        if not 0 < max_depth <= 1:
+            raise ValueError(f"max_depth is a fraction in (0, 1], got {max_depth}")
         unknown = sorted(set(kinds) - set(TASKS))
         if not kinds or unknown:
             raise ValueError(f"recall tasks must be among {', '.join(TASKS)}, got {list(kinds)}")
@@ -293,7 +297,7 @@ class TaskBatches:
             raise ValueError("text_every needs a text source and must be >= 0")
         self.tasks, self.kinds, self.segment_length = tasks, tuple(kinds), segment_length
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.text, self.text_every = text, text_every
+        self.text, self.text_every, self.max_depth = text, text_every, max_depth
 
     def batch(self, index: int, window: int) -> Batch:
         if self.text is not None and self.text_every and index % self.text_every == self.text_every - 1:
@@ -304,7 +308,7 @@ class TaskBatches:
         samples = []
         for _ in range(self.batch_size):
             kind = self.kinds[_pick(g, len(self.kinds))]
-            depth = float(torch.rand(1, generator=g))
+            depth = float(torch.rand(1, generator=g)) * self.max_depth
             samples.append(self.tasks.sample(kind, window, depth, g, num_keys=2 + _pick(g, 3)))
         return self.collate(samples)
 

@@ -95,6 +95,13 @@ def train_command(
             "the fact's memory (reaches a saturated recall, where the answer's loss cannot). 0: off."
         ),
     ] = 0.0,
+    max_depth: Annotated[
+        float,
+        typer.Option(
+            help="With --task: facts sit at depths drawn uniformly in [0, max_depth] of the haystack; below 1 "
+            "they stay out of the question's own segment (where the window reads them) more often."
+        ),
+    ] = 1.0,
     mode: Annotated[str | None, typer.Option(help=train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=train_help("batch_size"))] = None,
@@ -150,7 +157,7 @@ def train_command(
         validation_tokens=validation_tokens, finetune=finetune, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_targets=tuple(lora_targets) if lora_targets else None, init_from=init_from,
         tasks=tuple(split_list(",".join(task))) if task else (), text_every=text_every,
-        answer_in_memory=answer_in_memory, recall_loss=recall_loss,
+        answer_in_memory=answer_in_memory, recall_loss=recall_loss, max_depth=max_depth,
         model=given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
             summary_length=summary_length, recall_query=recall_query, memory_tokens=memory_tokens, memory_layer=memory_layer,
