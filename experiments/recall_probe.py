@@ -81,7 +81,13 @@ def write_accuracy(model: HMTForCausalLM, data: dict) -> dict[str, float]:
         hits = predicted[row, :n] == answer[:n]
         tokens.append(float(hits.float().mean()))
         exact.append(bool(hits.all()))
-    return {"token_accuracy": sum(tokens) / len(tokens), "exact": sum(exact) / len(exact)}
+    first = [bool(f == 0) for f in data["facts"]]  # the first segment reads m0 and no sensory tokens
+    result = {"token_accuracy": sum(tokens) / len(tokens), "exact": sum(exact) / len(exact)}
+    for name, where in (("first_segment", True), ("later_segments", False)):
+        picked = [e for e, f in zip(exact, first, strict=True) if f == where]
+        result[f"exact_{name}"] = sum(picked) / len(picked) if picked else None
+        result[f"samples_{name}"] = len(picked)
+    return result
 
 
 def keys_in(memory_module, memories: torch.Tensor, centred: bool) -> torch.Tensor:
