@@ -268,8 +268,8 @@ class TaskBatches:
     segment follows; only the answer is scored. HMT's gradient shortcut: only the segments holding the
     asked fact, the question and the answer are recorded for backward, so a sample costs about three
     backward segments whatever the distance. The kind, depth (uniform in [0, max_depth]: below 1, facts
-    stay out of the question's own segment, where the window reads them without memory) and, for multikey, the number of
-    keys (2-4) of each sample are drawn from its seed. With `text`, every `text_every`-th batch is plain
+    stay out of the question's own segment, where the window reads them without memory) and, for
+    multikey, the number of keys (2-4) of each sample are drawn from its seed. With `text`, every `text_every`-th batch is plain
     text instead (all tokens scored), so training on recall does not cost reading.
     """
 
