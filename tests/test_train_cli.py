@@ -178,7 +178,7 @@ def test_a_fully_fine_tuned_adapter_is_evaluated_on_its_own_backbone(
 
 def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "task"
-    extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "6", "--max-steps", "4",
+    extra = ("--mode", "hmt", "--task", "passkey", "--text-every", "2", "--unroll", "5:2,6", "--max-steps", "4",
              "--memory-tokens", "2", "--answer-in-memory", "0.5", "--recall-loss", "0.1")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, out, *extra))
     assert code == 0, err
@@ -196,3 +196,6 @@ def test_train_on_a_recall_task_with_text_batches(monkeypatch, capsys, tiny_mode
     ]  # each term apart, on the steps that had recall batches
     assert logged and all("answer_loss" in r and "recall_ce" in r for r in logged)
     assert (out / "final" / "hmt_config.json").exists()
+    # The curriculum's first stage kept its adapter (checkpoints are pruned); the last stage is final/.
+    assert [p.name for p in (out / "stages").iterdir()] == ["step-2-unroll-5"]
+    assert (out / "stages" / "step-2-unroll-5" / "hmt_adapter.safetensors").exists()

@@ -24,6 +24,7 @@ from hmt.train import AuxiliaryLoss, Progress, TrainConfig, TrainSummary
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
+STAGES_DIR = "stages"  # the adapter at the end of each curriculum stage: stages/step-N-unroll-U/
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
     1: {"mode": "rmt", "unroll": "2", "max_steps": 200},
     2: {"mode": "hmt", "unroll": "4", "max_steps": 500},
@@ -145,16 +146,22 @@ def train_run(
             f"{trainable:,} trainable parameters · {data_info['train_tokens']:,} training tokens · "
             f"{'resuming' if resume else 'new run'} in {out}"
         )
+
+    def save_adapter(folder: Path) -> None:
+        model.save_pretrained(folder, save_backbone=settings.finetune == "full")
+        if settings.finetune == "full":
+            backbone.tokenizer.save_pretrained(folder / BACKBONE_DIR)
+
+    def keep_stage(step: int, segments: int) -> None:
+        save_adapter(out / STAGES_DIR / f"step-{step}-unroll-{segments}")
+
     summary = train(
         model, source, config, out, validation=val_stream, accelerator=accelerator, resume=resume,
-        progress=progress, auxiliary=auxiliary,
+        progress=progress, auxiliary=auxiliary, on_stage_end=keep_stage,
     )  # fmt: skip
     result = _summary(summary, config, model.config, data_info)
     if accelerator.is_main_process:
-        final = out / FINAL_DIR
-        model.save_pretrained(final, save_backbone=settings.finetune == "full")
-        if settings.finetune == "full":
-            backbone.tokenizer.save_pretrained(final / BACKBONE_DIR)
+        save_adapter(out / FINAL_DIR)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return result

@@ -181,8 +181,11 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     auxiliary: AuxiliaryLoss | None = None,
+    on_stage_end: Callable[[int, int], None] | None = None,
 ) -> TrainSummary:
     """Train `model` in `config.mode` on batches from `source`; checkpoints and logs go to `run_dir`.
+    `on_stage_end(step, segments)` is called (main process) after the last step of each curriculum stage
+    but the final one, e.g. to keep that stage's adapter: checkpoints are pruned, stages are not.
     Flushes subnormal floats to zero for the rest of the process (see `flush_denormals`)."""
     from accelerate import Accelerator
 
@@ -298,6 +301,11 @@ def train(
                 config.keep_checkpoints,
                 accelerator,
             )
+        ended = config.unroll_at(step - 1)
+        if on_stage_end is not None and step < config.max_steps and config.unroll_at(step) != ended:
+            if accelerator.is_main_process:
+                on_stage_end(step, ended)
+            accelerator.wait_for_everyone()
         if progress is not None:
             progress(step, config.max_steps, record)
 
