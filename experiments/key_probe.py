@@ -24,6 +24,7 @@ from hmt.backbone import flush_denormals, load_backbone
 from hmt.config import IGNORE_INDEX, HMTConfig
 from hmt.data.corpus import load_documents, token_stream
 from hmt.model import HMTForCausalLM
+from hmt.tasks import memory_as_tokens
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,8 +137,7 @@ def key_probe(
         loss = out_.loss
         if write_loss > 0:
             answer = ids[:, -6:]  # " " and the 5 digits
-            written = out_.state.memories[:, -2].view(ids.shape[0], memory_tokens, -1)[:, :6]
-            logits = model.backbone.get_output_embeddings()(written / model.memory.memory_scale)
+            logits = memory_as_tokens(model, out_.state.memories[:, -2])[:, :6]
             term = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answer.flatten())
             loss = loss + write_loss * term
             write_losses.append(float(term.detach()))

@@ -7,15 +7,16 @@ the answer segment's recall query, the cached memories and which slot holds the 
 - `cosine`: the raw similarity of query and memory (no projections);
 - `fit`: W_q, W_k trained from the adapter's values by cross-entropy toward the fact's slot on the
   training samples, measured on held-out ones (test-split haystacks): can a linear recall find the fact
-  in these features at all? `fit-centred` does the same with each key centred on its cache's mean key.
+  in these features at all?
+- `write`: does the fact's memory spell the answer through the LM head (first segment vs later ones)?
 
     .venv/bin/python -m experiments.recall_probe --adapter runs/recall-hmt/final --out runs/recall-probe
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,8 +28,8 @@ from experiments.cli import run, tool
 from hmt.backbone import flush_denormals, load_backbone
 from hmt.data.corpus import load_documents, token_stream
 from hmt.model import HMTForCausalLM
-from hmt.recall import _rms_normalise
-from hmt.tasks import RecallTasks
+from hmt.recall import MemoryParameters
+from hmt.tasks import RecallTasks, memory_as_tokens
 
 
 def collect(model: HMTForCausalLM, tasks: RecallTasks, count: int, segments: int, seed: int) -> dict:
@@ -70,11 +71,8 @@ def collect(model: HMTForCausalLM, tasks: RecallTasks, count: int, segments: int
 def write_accuracy(model: HMTForCausalLM, data: dict) -> dict[str, float]:
     """Does the fact's memory hold the answer? The LM head on its slots (answer-in-memory read-out)."""
     r = model.config.memory_tokens
-    head = model.backbone.get_output_embeddings()
-    scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
     rows = torch.arange(len(data["facts"]))
-    written = data["memories"][rows, data["facts"]].view(len(rows), r, -1) / scale
-    predicted = head(written.to(head.weight.dtype)).argmax(-1)
+    predicted = memory_as_tokens(model, data["memories"][rows, data["facts"]]).argmax(-1)
     tokens, exact = [], []
     for row, answer in enumerate(data["answers"]):
         n = min(r, len(answer))
@@ -90,20 +88,6 @@ def write_accuracy(model: HMTForCausalLM, data: dict) -> dict[str, float]:
     return result
 
 
-def keys_in(memory_module, memories: torch.Tensor, centred: bool) -> torch.Tensor:
-    """What W_k reads: the mean of each memory's (normalised) embeddings, optionally centred per cache."""
-    embeddings = memory_module.as_tokens(memories)
-    keys = (_rms_normalise(embeddings) if memory_module.recall_norm else embeddings).mean(dim=-2)
-    return keys - keys.mean(dim=1, keepdim=True) if centred else keys
-
-
-def scores(memory_module, q_proj, k_proj, data: dict, centred: bool) -> torch.Tensor:
-    query = _rms_normalise(data["queries"]) if memory_module.recall_norm else data["queries"]
-    q = q_proj(query)
-    k = k_proj(keys_in(memory_module, data["memories"], centred))
-    return torch.einsum("nh,nsh->ns", q, k) / math.sqrt(q.shape[-1])
-
-
 def accuracy(logits: torch.Tensor, facts: torch.Tensor) -> dict[str, float]:
     weights = logits.softmax(-1)
     return {
@@ -113,26 +97,30 @@ def accuracy(logits: torch.Tensor, facts: torch.Tensor) -> dict[str, float]:
     }
 
 
-def fit(memory_module, train: dict, test: dict, centred: bool, steps: int, lr: float) -> dict:
-    q_proj = torch.nn.Linear(memory_module.query_proj.in_features, memory_module.recall_dim, bias=False)
-    k_proj = torch.nn.Linear(memory_module.key_proj.in_features, memory_module.recall_dim, bias=False)
-    q_proj.load_state_dict(memory_module.query_proj.state_dict())
-    k_proj.load_state_dict(memory_module.key_proj.state_dict())
-    optimiser = torch.optim.AdamW([*q_proj.parameters(), *k_proj.parameters()], lr=lr, weight_decay=0.0)
+def cosine_scores(memory: MemoryParameters, data: dict) -> torch.Tensor:
+    """Raw similarity of each query to each memory's mean embedding, no projections (scaled by 20)."""
+    q = torch.nn.functional.normalize(data["queries"], dim=-1)
+    k = torch.nn.functional.normalize(memory.as_tokens(data["memories"]).mean(dim=-2), dim=-1)
+    return torch.einsum("nh,nsh->ns", q, k) * 20
+
+
+def fit(memory: MemoryParameters, train: dict, test: dict, steps: int, lr: float) -> dict:
+    """Train a copy's W_q, W_k (from the adapter's values) toward the fact's slot; curve on `test`."""
+    memory = copy.deepcopy(memory)
+    projections = [*memory.query_proj.parameters(), *memory.key_proj.parameters()]
+    optimiser = torch.optim.AdamW(projections, lr=lr, weight_decay=0.0)
     curve = []
     for step in range(1, steps + 1):
         loss = torch.nn.functional.cross_entropy(
-            scores(memory_module, q_proj, k_proj, train, centred), train["facts"]
+            memory.scores(train["queries"], train["memories"]), train["facts"]
         )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if step % max(1, steps // 10) == 0:
             with torch.no_grad():
-                curve.append(
-                    {"step": step, "train_loss": float(loss)}
-                    | accuracy(scores(memory_module, q_proj, k_proj, test, centred), test["facts"])
-                )
+                held_out = accuracy(memory.scores(test["queries"], test["memories"]), test["facts"])
+            curve.append({"step": step, "train_loss": float(loss)} | held_out)
     return {"curve": curve, "final": curve[-1]}
 
 
@@ -162,21 +150,15 @@ def main(
         haystack = token_stream(load_documents("essays", split), loaded.tokenizer)
         data[split] = collect(model, RecallTasks(loaded.tokenizer, haystack), count, segments, seed)
         print(f"collected {count} {split} samples in {time.time() - started:.0f}s", flush=True)
-    memory = model.memory
-    results = {"segments": segments, "slots": int(data["test"]["memories"].shape[1])}
+    memory, test = model.memory, data["test"]
+    results = {"segments": segments, "slots": int(test["memories"].shape[1])}
     with torch.no_grad():
-        results["adapter"] = accuracy(
-            scores(memory, memory.query_proj, memory.key_proj, data["test"], False), data["test"]["facts"]
-        )
-        q = torch.nn.functional.normalize(data["test"]["queries"], dim=-1)
-        k = torch.nn.functional.normalize(keys_in(memory, data["test"]["memories"], False), dim=-1)
-        results["cosine"] = accuracy(torch.einsum("nh,nsh->ns", q, k) * 20, data["test"]["facts"])
-        results["write"] = write_accuracy(model, data["test"])
+        results["adapter"] = accuracy(memory.scores(test["queries"], test["memories"]), test["facts"])
+        results["cosine"] = accuracy(cosine_scores(memory, test), test["facts"])
+        results["write"] = write_accuracy(model, test)
     print(json.dumps({k: results[k] for k in ("adapter", "cosine", "write")}), flush=True)
-    for centred in (False, True):
-        name = "fit-centred" if centred else "fit"
-        results[name] = fit(memory, data["train"], data["test"], centred, steps, lr)
-        print(name, json.dumps(results[name]["final"]), flush=True)
+    results["fit"] = fit(memory, data["train"], test, steps, lr)
+    print("fit", json.dumps(results["fit"]["final"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -46,6 +46,6 @@ def test_the_offline_fit_finds_a_planted_fact():
     data = {"queries": queries, "memories": memories, "facts": facts}
     train = {k: v[:48] for k, v in data.items()}
     test = {k: v[48:] for k, v in data.items()}
-    result = fit(model.memory, train, test, centred=False, steps=200, lr=1e-2)
+    result = fit(model.memory, train, test, steps=200, lr=1e-2)
     assert result["final"]["top1"] > 0.9
     assert accuracy(torch.zeros(4, 5), torch.zeros(4, dtype=torch.long))["chance"] == 0.2

@@ -98,24 +98,25 @@ class MemoryParameters(nn.Module):
         query: (batch, output_dim); memories: (batch, slots, r * d); memory_mask: (batch, slots) bool.
         Returns the recalled memory (batch, r * d), equal to m0 for rows with an empty cache, and the
         recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
-        A memory's key is read from the mean of its r embeddings (each RMS-normalised first if recall_norm).
         """
-        query = query.to(self.query_proj.weight.dtype)
-        embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
-        if self.recall_norm:
-            query, keys_in = _rms_normalise(query), _rms_normalise(embeddings).mean(dim=-2)
-        else:
-            keys_in = embeddings.mean(dim=-2)
-        q = self.query_proj(query)  # (batch, d_h)
-        k = self.key_proj(keys_in)  # (batch, slots, d_h)
-        scores = torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
-        scores = scores.masked_fill(~memory_mask, float("-inf"))
+        scores = self.scores(query, memories).masked_fill(~memory_mask, float("-inf"))
         has_memory = memory_mask.any(dim=1, keepdim=True)  # (batch, 1)
         # Rows without memories would softmax over nothing (NaN); give them a harmless zero score row.
         weights = torch.softmax(torch.where(has_memory, scores, torch.zeros_like(scores)), dim=-1)
         weights = torch.where(has_memory, weights, torch.zeros_like(weights))
         recalled = torch.einsum("bs,bsd->bd", weights, memories)
         return torch.where(has_memory, recalled, self.initial_memory.expand_as(recalled)), weights
+
+    def scores(self, query: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """Recall's scores before the softmax: (W_q S) . (W_k key(M)) / sqrt(d_h), (batch, slots).
+        A memory's key is the mean of its r embeddings (each RMS-normalised first if recall_norm)."""
+        query = query.to(self.query_proj.weight.dtype)
+        embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
+        if self.recall_norm:
+            query, embeddings = _rms_normalise(query), _rms_normalise(embeddings)
+        q = self.query_proj(query)  # (batch, d_h)
+        k = self.key_proj(embeddings.mean(dim=-2))  # (batch, slots, d_h)
+        return torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
 
     def last_memory(self, memories: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """RMT's read: the newest memory M_{n-1} per row, or m0 where nothing was written yet."""

@@ -269,8 +269,9 @@ class TaskBatches:
     asked fact, the question and the answer are recorded for backward, so a sample costs about three
     backward segments whatever the distance. The kind, depth (uniform in [0, max_depth]: below 1, facts
     stay out of the question's own segment, where the window reads them without memory) and, for
-    multikey, the number of keys (2-4) of each sample are drawn from its seed. With `text`, every `text_every`-th batch is plain
-    text instead (all tokens scored), so training on recall does not cost reading.
+    multikey, the number of keys (2-4) of each sample are drawn from its seed. With `text`, every
+    `text_every`-th batch is plain text instead (all tokens scored), so training on recall does not cost
+    reading.
     """
 
     streaming = False
@@ -398,12 +399,17 @@ class RecallSupervision:
 
     @staticmethod
     def _answer_term(model, batch: Batch, written: torch.Tensor) -> torch.Tensor:
-        r = model.config.memory_tokens
-        slots = written.view(written.shape[0], r, -1)
-        if model.memory.output_proj is not None:
-            raise ValueError("the answer-in-memory loss needs memories as wide as the backbone's output")
-        scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
-        head = model.backbone.get_output_embeddings()
-        targets = batch.answer_ids[:, :r].to(written.device)
-        logits = head((slots[:, : targets.shape[1]] / scale).to(head.weight.dtype)).float()
+        targets = batch.answer_ids[:, : model.config.memory_tokens].to(written.device)
+        logits = memory_as_tokens(model, written)[:, : targets.shape[1]]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def memory_as_tokens(model, written: torch.Tensor) -> torch.Tensor:
+    """The backbone's LM head read on a memory's r slots, brought back to hidden-state scale:
+    (batch, r * d) -> logits (batch, r, vocab), float32. What the answer-in-memory loss trains."""
+    if model.memory.output_proj is not None:
+        raise ValueError("the answer-in-memory loss needs memories as wide as the backbone's output")
+    slots = model.memory.as_tokens(written)
+    scale = model.memory.memory_scale if model.config.memory_norm == "learned" else 1.0
+    head = model.backbone.get_output_embeddings()
+    return head((slots / scale).to(head.weight.dtype)).float()
