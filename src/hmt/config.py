@@ -23,6 +23,7 @@ MemoryNorm = Literal["learned", "match", "none"]
 MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
 RECALL_INITS: tuple[str, ...] = ("similarity", "independent")
 RECALL_QUERIES: tuple[str, ...] = ("causal", "paper")
+MAX_RECALL_TEMPERATURE = 100.0  # as CLIP's logit scale: beyond it softmax is one-hot in float32 anyway
 IGNORE_INDEX = -100  # a label that is not scored (the transformers convention)
 
 # Settings a model may read with other values than it was built with (`HMTForCausalLM.reading`): they
@@ -34,6 +35,8 @@ READING_FIELDS: tuple[str, ...] = (
     "cache_size",
     "recall_query",
 )
+# Settings an adapter saved without them may be given: they add parameters, which start fresh.
+GAINED_FIELDS: tuple[str, ...] = ("recall_temperature",)
 
 
 @dataclass
@@ -109,6 +112,15 @@ class HMTConfig:
             "synthetic task); independent: two random matrices, as in the paper."
         },
     )
+    recall_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "None: recall scores are the scaled dot product of W_q S and W_k M, as in the paper "
+            "(unbounded: one memory can take all the weight, right or wrong). t > 0: they are the cosine of "
+            "the two times a learned temperature that starts at t, so no score leaves [-t', t'] for the "
+            "current temperature t' (kept <= 100) and recall stays soft until training sharpens it."
+        },
+    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -152,6 +164,15 @@ class HMTConfig:
             _require_int("memory_layer", self.memory_layer, minimum=1)
         if self.recall_dim is not None:
             _require_int("recall_dim", self.recall_dim, minimum=1)
+        if self.recall_temperature is not None and (
+            isinstance(self.recall_temperature, bool)
+            or not isinstance(self.recall_temperature, (int, float))
+            or not 0 < self.recall_temperature <= MAX_RECALL_TEMPERATURE
+        ):
+            raise ValueError(
+                f"recall_temperature must be a number in (0, {MAX_RECALL_TEMPERATURE:g}] or null, got "
+                f"{self.recall_temperature!r}"
+            )
         _require_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
         _require_choice("recall_init", self.recall_init, RECALL_INITS)
         _require_choice("recall_query", self.recall_query, RECALL_QUERIES)

@@ -35,6 +35,7 @@ from hmt.backbone import (
 from hmt.config import (
     IGNORE_INDEX,
     MEMORY_MODES,
+    GAINED_FIELDS,
     READING_FIELDS,
     WRITING_MODES,
     HMTConfig,
@@ -118,6 +119,7 @@ class HMTForCausalLM(nn.Module):
             self.config.recall_init,
             _sink_init(backbone, embeddings) if self.config.attention_sink else None,
             self.config.memory_tokens,
+            self.config.recall_temperature,
         ).to(device=embeddings.weight.device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
@@ -468,7 +470,13 @@ class HMTForCausalLM(nn.Module):
         directory = Path(directory)
         config, tensors = load_adapter_files(directory)
         given = {k: v for k, v in settings.items() if v is not None}
-        tied = sorted(k for k, v in given.items() if k not in READING_FIELDS and getattr(config, k, v) != v)
+        # A field that adds parameters may be switched on for an adapter saved without it (fine-tuning).
+        gained = [k for k in given if k in GAINED_FIELDS and getattr(config, k) is None]
+        tied = sorted(
+            k
+            for k, v in given.items()
+            if k not in READING_FIELDS and k not in gained and getattr(config, k, v) != v
+        )
         if tied:
             raise ValueError(
                 f"{', '.join(tied)} differ from the adapter in {directory} and are tied to the parameters: "
@@ -480,7 +488,9 @@ class HMTForCausalLM(nn.Module):
             backbone = attach_lora(backbone, directory, trainable=trainable_lora, in_place=merge_lora)
         model = cls(backbone, config, mode=mode, query_batch_size=query_batch_size)
         expected = model.memory.state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        fresh = {name for field_name in gained for name in _GAINED_PARAMETERS[field_name]}
+        missing = sorted(set(expected) - set(tensors) - fresh)
+        unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise ValueError(
                 f"{directory} holds HMT parameters that do not match this model: missing {missing}, "
@@ -492,8 +502,12 @@ class HMTForCausalLM(nn.Module):
                     f"{directory}: {name} has shape {tuple(tensor.shape)}, this backbone needs "
                     f"{tuple(expected[name].shape)}"
                 )
-        model.memory.load_state_dict(tensors)
+        model.memory.load_state_dict(tensors, strict=not fresh)
         return model
+
+
+# The parameters each of GAINED_FIELDS adds: they start fresh when an adapter gains the field.
+_GAINED_PARAMETERS: dict[str, tuple[str, ...]] = {"recall_temperature": ("recall_log_temperature",)}
 
 
 def _logits_kept(seq_len: int, segment_length: int, return_logits: bool, num_logits: int | None) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from hmt.config import MAX_RECALL_TEMPERATURE
 
 
 class MemoryParameters(nn.Module):
@@ -27,6 +30,7 @@ class MemoryParameters(nn.Module):
         recall_init: str = "similarity",
         sink_init: torch.Tensor | None = None,
         memory_tokens: int = 1,
+        recall_temperature: float | None = None,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -52,6 +56,8 @@ class MemoryParameters(nn.Module):
         self.register_buffer("embedding_norm", torch.tensor(1.0), persistent=False)
         if memory_norm == "learned":
             self.memory_scale = nn.Parameter(torch.tensor(1.0))
+        if recall_temperature is not None:  # bounded scores (HMTConfig.recall_temperature)
+            self.recall_log_temperature = nn.Parameter(torch.tensor(math.log(recall_temperature)))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden state (..., output_dim) -> embedding width (..., d), float32, before any rescaling."""
@@ -107,15 +113,26 @@ class MemoryParameters(nn.Module):
         recalled = torch.einsum("bs,bsd->bd", weights, memories)
         return torch.where(has_memory, recalled, self.initial_memory.expand_as(recalled)), weights
 
+    @property
+    def recall_temperature(self) -> torch.Tensor | None:
+        """The bounded scores' current temperature (kept <= 100), or None for the paper's dot product."""
+        if not hasattr(self, "recall_log_temperature"):
+            return None
+        return self.recall_log_temperature.clamp(max=math.log(MAX_RECALL_TEMPERATURE)).exp()
+
     def scores(self, query: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
-        """Recall's scores before the softmax: (W_q S) . (W_k key(M)) / sqrt(d_h), (batch, slots).
-        A memory's key is the mean of its r embeddings (each RMS-normalised first if recall_norm)."""
+        """Recall's scores before the softmax, (batch, slots): (W_q S) . (W_k key(M)) / sqrt(d_h), or with
+        a recall temperature t, cos(W_q S, W_k key(M)) * t. A memory's key is the mean of its r embeddings
+        (each RMS-normalised first if recall_norm)."""
         query = query.to(self.query_proj.weight.dtype)
         embeddings = self.as_tokens(memories)  # (batch, slots, r, d)
         if self.recall_norm:
             query, embeddings = _rms_normalise(query), _rms_normalise(embeddings)
         q = self.query_proj(query)  # (batch, d_h)
         k = self.key_proj(embeddings.mean(dim=-2))  # (batch, slots, d_h)
+        temperature = self.recall_temperature
+        if temperature is not None:
+            return torch.einsum("bh,bsh->bs", F.normalize(q, dim=-1), F.normalize(k, dim=-1)) * temperature
         return torch.einsum("bh,bsh->bs", q, k) / math.sqrt(self.recall_dim)
 
     def last_memory(self, memories: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:

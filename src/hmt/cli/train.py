@@ -64,6 +64,10 @@ def train_command(
     recall_query: RecallQueryOpt = None,
     memory_tokens: MemoryTokensOpt = None,
     memory_layer: MemoryLayerOpt = None,
+    recall_temperature: Annotated[
+        float | None,
+        typer.Option(help=config_help("recall_temperature") + " Default: the adapter's, else the dot product."),
+    ] = None,
     memory_norm: Annotated[
         str | None, typer.Option(help=config_help("memory_norm") + " Default: learned.")
     ] = None,
@@ -161,7 +165,7 @@ def train_command(
         model=given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
             summary_length=summary_length, recall_query=recall_query, memory_tokens=memory_tokens, memory_layer=memory_layer,
-            memory_norm=memory_norm, attention_sink=attention_sink,
+            recall_temperature=recall_temperature, memory_norm=memory_norm, attention_sink=attention_sink,
         ),
     )  # fmt: skip
     from accelerate import Accelerator
