@@ -39,7 +39,9 @@ def test_temperature_is_learned_and_capped():
 def test_an_adapter_gains_a_temperature_and_keeps_it_on_save(tmp_path):
     plain = tiny_hmt("llama")
     plain.save_pretrained(tmp_path / "plain")
-    gained = HMTForCausalLM.from_pretrained(tmp_path / "plain", tiny_backbone("llama"), recall_temperature=3.0)
+    gained = HMTForCausalLM.from_pretrained(
+        tmp_path / "plain", tiny_backbone("llama"), recall_temperature=3.0
+    )
     assert gained.config.recall_temperature == 3.0
     assert gained.memory.recall_temperature.item() == pytest.approx(3.0)
     torch.testing.assert_close(gained.memory.query_proj.weight, plain.memory.query_proj.weight)

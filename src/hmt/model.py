@@ -33,9 +33,9 @@ from hmt.backbone import (
     saved_backbone,
 )
 from hmt.config import (
+    GAINED_FIELDS,
     IGNORE_INDEX,
     MEMORY_MODES,
-    GAINED_FIELDS,
     READING_FIELDS,
     WRITING_MODES,
     HMTConfig,

@@ -24,7 +24,12 @@ from hmt.data.batches import Batch, BatchSource
 from hmt.evaluate import EvalConfig, recall_stats, run_eval
 from hmt.model import HMTForCausalLM, HMTOutput
 
-MEMORY_ONLY_IN_HMT = ("summary_prompt", "query_proj", "key_proj", "recall_log_temperature")  # unused in rmt mode: not trained there
+MEMORY_ONLY_IN_HMT = (
+    "summary_prompt",
+    "query_proj",
+    "key_proj",
+    "recall_log_temperature",
+)  # unused in rmt mode: not trained there
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,9 @@ def train_command(
     memory_layer: MemoryLayerOpt = None,
     recall_temperature: Annotated[
         float | None,
-        typer.Option(help=config_help("recall_temperature") + " Default: the adapter's, else the dot product."),
+        typer.Option(
+            help=config_help("recall_temperature") + " Default: the adapter's, else the dot product."
+        ),
     ] = None,
     memory_norm: Annotated[
         str | None, typer.Option(help=config_help("memory_norm") + " Default: learned.")
