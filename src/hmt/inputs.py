@@ -16,7 +16,34 @@ class PackedInputs:
     ids: torch.Tensor  # (batch, seq_len) long, 0 after each row's tokens
     targets: torch.Tensor  # (batch, seq_len) long, IGNORE_INDEX after each row's tokens
     lengths: torch.Tensor  # (batch,) long: tokens per row
-    offsets: torch.Tensor  # (batch,) long: left padding per row (input position = offset + packed position)
+    offsets: torch.Tensor  # (batch,) long: input position = offset + packed position (< 0: pending tokens)
+    pending: torch.Tensor | None = None  # (batch,) long: the unfinished segment's tokens put first, unscored
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """(batch,) long: tokens of this call per row (the carried pending ones excluded)."""
+        return self.lengths if self.pending is None else self.lengths - self.pending
+
+    def after_pending(self, pending_ids: torch.Tensor, pending_mask: torch.Tensor) -> PackedInputs:
+        """These inputs continuing an unfinished segment: each row's pending tokens (right-aligned
+        `pending_ids`, `pending_mask`) are put first, unscored, so segments are cut where they would be
+        in one call over the whole stream."""
+        counts = pending_mask.sum(dim=1)
+        if not bool(counts.any()):
+            return self
+        batch, width = self.ids.shape[0], self.ids.shape[1] + int(counts.max())
+        ids = self.ids.new_zeros(batch, width)
+        targets = self.targets.new_full((batch, width), IGNORE_INDEX)
+        for row in range(batch):
+            before, count, length = (
+                pending_ids[row][pending_mask[row]],
+                int(counts[row]),
+                int(self.lengths[row]),
+            )
+            ids[row, :count] = before
+            ids[row, count : count + length] = self.ids[row, :length]
+            targets[row, count : count + length] = self.targets[row, :length]
+        return PackedInputs(ids, targets, self.lengths + counts, self.offsets - counts, counts)
 
     def segment(self, step: int, segment_length: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Segment `step`: its first packed position, its ids (batch, <= L) and valid tokens per row (batch,)."""

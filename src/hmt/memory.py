@@ -1,7 +1,8 @@
 """`MemoryState`: everything HMT carries from one call to the next, held outside the model.
 
 The model keeps weights only; a document's memory lives here, so callers can save, fork, reset or
-batch it, and `model(chunk2, state=out1.state)` continues exactly where `chunk1` ended.
+batch it, and `model(chunk2, state=out1.state)` continues exactly where `chunk1` ended, wherever that
+was: the tokens of an unfinished segment are carried (`pending_ids`) and read again with the next call.
 """
 
 from __future__ import annotations
@@ -21,19 +22,29 @@ STATE_FORMAT = "hmt-memory-state"
 class MemoryState:
     """Memory of a batch of texts after some segments were read.
 
-    Per-row quantities are right-aligned: the newest memory is `memories[:, -1]`, the last token read
-    is `recent_ids[:, -1]`; masks say which slots hold something (rows may have read different amounts).
+    Per-row quantities are right-aligned: the newest memory is `memories[:, -1]`, the last token of the
+    closed segments is `recent_ids[:, -1]`; masks say which slots hold something (rows may have read
+    different amounts). A segment is closed (its memory written, its tokens moved to `recent_ids`) when
+    it holds L tokens; until then its tokens are pending.
     """
 
     memories: torch.Tensor  # (batch, slots, r * d) float32, slots <= cache_size: long-term memory cache
     memory_mask: torch.Tensor  # (batch, slots) bool: which slots hold a memory
-    recent_ids: torch.Tensor  # (batch, t) long: the last t token ids read (sensory tokens, causal query)
+    recent_ids: torch.Tensor  # (batch, t) long: the last t tokens of closed segments (sensory, causal query)
     recent_mask: torch.Tensor  # (batch, t) bool
-    segments: torch.Tensor  # (batch,) long: segments read so far
-    tokens: torch.Tensor  # (batch,) long: tokens read so far
+    segments: torch.Tensor  # (batch,) long: segments closed so far
+    tokens: torch.Tensor  # (batch,) long: tokens read so far, pending ones included
     next_token_logits: (
         torch.Tensor
     )  # (batch, vocab) float32: prediction for the next token (rows with tokens > 0)
+    pending_ids: torch.Tensor | None = None  # (batch, p) long, p < L: the unfinished segment's tokens
+    pending_mask: torch.Tensor | None = None  # (batch, p) bool
+
+    def __post_init__(self) -> None:
+        if self.pending_ids is None:  # no unfinished segment (also: a state saved before they were carried)
+            batch, device = self.segments.shape[0], self.segments.device
+            object.__setattr__(self, "pending_ids", torch.zeros(batch, 0, dtype=torch.long, device=device))
+            object.__setattr__(self, "pending_mask", torch.zeros(batch, 0, dtype=torch.bool, device=device))
 
     @classmethod
     def empty(
@@ -58,6 +69,15 @@ class MemoryState:
     @property
     def batch_size(self) -> int:
         return self.segments.shape[0]
+
+    @property
+    def num_pending(self) -> torch.Tensor:
+        """(batch,) long: tokens of the unfinished segment per row."""
+        return self.pending_mask.sum(dim=1)
+
+    def pending_tokens(self, row: int) -> torch.Tensor:
+        """The unfinished segment's tokens of one row (1-D)."""
+        return self.pending_ids[row][self.pending_mask[row]]
 
     @property
     def num_memories(self) -> torch.Tensor:
@@ -90,6 +110,8 @@ class MemoryState:
             segments=self.segments * keep,
             tokens=self.tokens * keep,
             next_token_logits=self.next_token_logits * keep[:, None],
+            pending_ids=self.pending_ids * keep[:, None],
+            pending_mask=self.pending_mask & keep[:, None],
         )
         return state._trimmed()
 
@@ -113,6 +135,8 @@ class MemoryState:
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> MemoryState:
         tensors, _ = load_tensors(path, STATE_FORMAT)
         names = {f.name for f in fields(cls)}
+        if not set(tensors) & PENDING_FIELDS:
+            names -= PENDING_FIELDS  # saved before unfinished segments were carried: it has none
         if set(tensors) != names:
             raise ValueError(
                 f"{path} does not hold a complete memory state: missing {sorted(names - set(tensors))}, "
@@ -132,7 +156,7 @@ class MemoryState:
         expected = {
             "memories": (3, True), "memory_mask": (2, False), "recent_ids": (2, False),
             "recent_mask": (2, False), "segments": (1, False), "tokens": (1, False),
-            "next_token_logits": (2, True),
+            "next_token_logits": (2, True), "pending_ids": (2, False), "pending_mask": (2, False),
         }  # fmt: skip
         for name, (dims, floating) in expected.items():
             tensor = getattr(self, name)
@@ -141,11 +165,12 @@ class MemoryState:
                     f"{name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, which does not fit a "
                     f"state of {batch} rows"
                 )
-        if self.memory_mask.dtype != torch.bool or self.recent_mask.dtype != torch.bool:
-            raise ValueError("memory_mask and recent_mask must be boolean")
+        if any(m.dtype != torch.bool for m in (self.memory_mask, self.recent_mask, self.pending_mask)):
+            raise ValueError("memory_mask, recent_mask and pending_mask must be boolean")
         if (
             self.memory_mask.shape != self.memories.shape[:2]
             or self.recent_mask.shape != self.recent_ids.shape
+            or self.pending_mask.shape != self.pending_ids.shape
         ):
             raise ValueError("the masks do not match the memories and recent tokens they describe")
         if not bool(torch.isfinite(self.memories[self.memory_mask]).all()):
@@ -157,7 +182,7 @@ class MemoryState:
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Refuse recent token ids outside [0, vocab_size): the state was made with another backbone."""
-        ids = self.recent_ids[self.recent_mask]
+        ids = torch.cat([self.recent_ids[self.recent_mask], self.pending_ids[self.pending_mask]])
         if bool(((ids < 0) | (ids >= vocab_size)).any()):
             raise ValueError(
                 f"the state's recent tokens hold ids outside this backbone's vocabulary [0, {vocab_size}): "
@@ -186,21 +211,61 @@ class MemoryState:
         keep_from = max(memories.shape[1] - cache_size, 0)  # evict the oldest beyond the cache size
         return replace(self, memories=memories[:, keep_from:], memory_mask=mask[:, keep_from:])._trimmed()
 
-    def with_tokens_read(self, segment_ids: torch.Tensor, segment_lengths: torch.Tensor) -> MemoryState:
-        """Account for a segment of `segment_lengths` valid tokens per row (right-padded `segment_ids`)."""
+    def with_segment_read(
+        self, segment_ids: torch.Tensor, segment_lengths: torch.Tensor, closed: torch.Tensor
+    ) -> MemoryState:
+        """Account for a segment of `segment_lengths` tokens per row (right-padded `segment_ids`, the
+        unfinished segment's tokens included): rows where `closed` (batch,) bool is set close it (its
+        tokens become recent, nothing is pending); the other rows with tokens keep them pending."""
         width = segment_ids.shape[1]
         positions = torch.arange(width, device=segment_ids.device)
         valid = positions[None, :] < segment_lengths[:, None]
         recent_ids, recent_mask = _last_valid(
-            torch.cat([self.recent_ids, segment_ids], dim=1), self.recent_mask, valid
+            torch.cat([self.recent_ids, segment_ids], dim=1), self.recent_mask, valid & closed[:, None]
+        )
+        opened = (segment_lengths > 0) & ~closed
+        pending_ids, pending_mask = _last_valid(  # right-aligned, as every per-row quantity here
+            torch.cat([torch.zeros_like(segment_ids), segment_ids], dim=1),
+            valid.new_zeros(valid.shape),
+            valid & opened[:, None],
+        )
+        untouched = segment_lengths == 0  # rows whose text ended at an earlier step keep what they had
+        pending_ids, pending_mask = _merge_rows(
+            untouched, (self.pending_ids, self.pending_mask), (pending_ids, pending_mask)
         )
         return replace(
             self,
             recent_ids=recent_ids,
             recent_mask=recent_mask,
-            segments=self.segments + (segment_lengths > 0).long(),
-            tokens=self.tokens + segment_lengths,
+            segments=self.segments + closed.long(),
+            pending_ids=pending_ids,
+            pending_mask=pending_mask,
         )
+
+    def with_tokens_counted(self, new_tokens: torch.Tensor) -> MemoryState:
+        """The state after `new_tokens` (batch,) more tokens were read."""
+        return replace(self, tokens=self.tokens + new_tokens)
+
+
+PENDING_FIELDS = {"pending_ids", "pending_mask"}
+
+
+def _merge_rows(
+    take_first: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-aligned (ids, mask) pairs of two widths merged row-wise: `first` where `take_first`."""
+    width = max(first[0].shape[1], second[0].shape[1])
+    first, second = (tuple(_left_pad(t, width) for t in pair) for pair in (first, second))
+    ids = torch.where(take_first[:, None], first[0], second[0])
+    mask = torch.where(take_first[:, None], first[1], second[1])
+    empty_columns = int((~mask.any(dim=0)).long().cumprod(dim=0).sum())  # all-empty columns on the left
+    return ids[:, empty_columns:], mask[:, empty_columns:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0))
 
 
 def _last_valid(

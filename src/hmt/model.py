@@ -179,13 +179,18 @@ class HMTForCausalLM(nn.Module):
         num_logits: int | None = None,
         bptt_depth: int | None = None,
         grad_segments: torch.Tensor | None = None,
+        end_segment: bool = False,
     ) -> HMTOutput:
         """Read `input_ids` (batch, seq_len) of any length segment by segment.
 
         Each token is scored against the prediction before it (targets: `labels` if given, else the
         input ids; -100 is ignored), including the first token of a call that continues a `state`.
-        Segments start at the beginning of each call, so chunked calls equal one call on the
-        concatenation when every chunk but the last holds a whole number of segments.
+        Segments are cut every L tokens of the whole stream: a segment closes (its memory is written)
+        when it holds L tokens, and a shorter last one stays pending in the returned state, read again
+        with the next call. So calls on any split of a text equal one call on the concatenation (with the
+        causal query; the paper's query reads a segment's first j tokens, so only splits at segment
+        boundaries are exact with it). `end_segment=True` closes each row's last segment however short
+        (e.g. a question read as its own segment, so that the answer's segment recalls with it).
         `attention_mask` marks each row's tokens as one contiguous run (left or right padding).
         `mode` (default: the model's) is hmt, rmt, memory_off, sliding or backbone (see HMTConfig docs).
         Logits are returned for the last `num_logits` input positions (default: one segment's worth;
@@ -202,6 +207,7 @@ class HMTForCausalLM(nn.Module):
         packed = pack_inputs(input_ids, attention_mask, labels, self.vocab_size)
         batch, seq_len = input_ids.shape
         state = self._check_state(state, batch)
+        packed = packed.after_pending(state.pending_ids, state.pending_mask)
         length = self.config.segment_length
         num_steps = math.ceil(int(packed.lengths.max()) / length)
         scores = TokenScores(packed, state, _logits_kept(seq_len, length, return_logits, num_logits), seq_len)
@@ -220,10 +226,13 @@ class HMTForCausalLM(nn.Module):
                 logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone")
                 scores.add_segment(start, seg_lengths, logits)
                 memory = self.memory.to_memory(written) if mode in WRITING_MODES else None
+            closed = (seg_lengths == length) | (
+                end_segment & (seg_lengths > 0) & (start + seg_lengths == packed.lengths)
+            )
             if memory is not None:  # outside the block: a forward-only step must not detach the whole cache
-                state = state.with_memory(memory, seg_lengths > 0, self.config.cache_size)
-            state = state.with_tokens_read(seg_ids, seg_lengths)
-        state = scores.carry_prediction(state)
+                state = state.with_memory(memory, closed, self.config.cache_size)
+            state = state.with_segment_read(seg_ids, seg_lengths, closed)
+        state = scores.carry_prediction(state.with_tokens_counted(packed.new_tokens))
         loss, token_losses, token_mask, logits = scores.finish()
         return HMTOutput(
             loss=loss,

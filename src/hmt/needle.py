@@ -94,7 +94,7 @@ def score_memory_row(model: Any, sample: RecallSample, mode: str) -> tuple[bool,
     candidate, each continuing a copy of the context's state."""
     device = model.device
     with torch.no_grad():
-        context = model(sample.context[None].to(device), mode=mode, num_logits=0)
+        context = model(sample.context[None].to(device), mode=mode, num_logits=0, end_segment=True)
         ids, labels, mask = _candidate_rows(sample, device)
         state = context.state.select([0] * ids.shape[0])
         out = model(ids, attention_mask=mask, labels=labels, state=state, mode=mode, return_logits=True)

@@ -28,8 +28,10 @@ class TokenScores:
         self.losses: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None
         self.next_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # The first token of a continuing row is scored with the prediction carried in the state.
-        continuing = torch.nonzero((state.tokens > 0) & (packed.lengths > 0)).flatten()
+        # The first token of a continuing row is scored with the prediction carried in the state (unless an
+        # unfinished segment is read again first: its last token predicts it afresh).
+        pending = packed.pending if packed.pending is not None else torch.zeros_like(packed.lengths)
+        continuing = torch.nonzero((state.tokens > 0) & (packed.lengths > 0) & (pending == 0)).flatten()
         if len(continuing):
             self._score(continuing, torch.zeros_like(continuing), state.next_token_logits[continuing])
 
@@ -37,7 +39,9 @@ class TokenScores:
         """Score the tokens at (rows, target_positions) against `logits`; positions past a row are skipped."""
         inside = target_positions < self.packed.lengths[rows]
         targets = torch.where(
-            inside, self.packed.targets[rows, target_positions.clamp(max=self.seq_len - 1)], IGNORE_INDEX
+            inside,
+            self.packed.targets[rows, target_positions.clamp(max=self.packed.ids.shape[1] - 1)],
+            IGNORE_INDEX,
         )
         scored = targets != IGNORE_INDEX
         if not bool(scored.any()):
@@ -88,10 +92,10 @@ class TokenScores:
         return MemoryState(**{**state.tensors(), "next_token_logits": carried})
 
     def finish(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        batch = self.packed.ids.shape[0]
+        batch, width = self.packed.ids.shape
         device = self.packed.ids.device
-        packed_losses = torch.zeros(batch, self.seq_len, device=device)
-        packed_mask = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=device)
+        packed_losses = torch.zeros(batch, width, device=device)
+        packed_mask = torch.zeros(batch, width, dtype=torch.bool, device=device)
         loss = None
         if self.losses:
             rows, positions = torch.cat(self.rows), torch.cat(self.positions)
@@ -101,7 +105,7 @@ class TokenScores:
             loss = losses.mean()
         # Back to input positions: packed position p of row b is input position offsets[b] + p.
         positions = torch.arange(self.seq_len, device=device)
-        source = (positions[None, :] - self.packed.offsets[:, None]).clamp(min=0)
+        source = (positions[None, :] - self.packed.offsets[:, None]).clamp(0, width - 1)
         in_row = positions[None, :] >= self.packed.offsets[:, None]
         token_losses = torch.where(in_row, packed_losses.gather(1, source), 0.0)
         token_mask = in_row & packed_mask.gather(1, source)

@@ -376,9 +376,9 @@ class RecallSupervision:
     def __call__(self, model, batch: Batch, labels: torch.Tensor, out) -> torch.Tensor | None:
         if batch.answer_ids is None or batch.fact_segments is None:
             return None  # a plain-text batch
-        memories = out.state.memories  # (batch, slots, r * d), the newest last; one slot per segment read
-        steps = -(-batch.input_ids.shape[1] // model.config.segment_length)
-        back = steps - batch.fact_segments.to(memories.device)  # how many slots from the end
+        memories = out.state.memories  # (batch, slots, r * d), the newest last; one per closed segment
+        # The answer's segment is still open, so the newest memory is the question's segment's.
+        back = out.state.segments - batch.fact_segments.to(memories.device)  # how many slots from the end
         if int(back.max()) > memories.shape[1]:
             return None  # the fact's memory was evicted (a cache smaller than the sample)
         rows = torch.arange(memories.shape[0], device=memories.device)
@@ -391,7 +391,7 @@ class RecallSupervision:
             total = total + self.answer_weight * term
         if self.recall_weight and out.recall_weights:
             weights = out.recall_weights[-1]  # the answer's segment, over the memories written before it
-            target = weights.shape[1] - (back - 1)
+            target = weights.shape[1] - back
             term = -weights[rows, target].clamp_min(1e-30).log().mean()
             self._keep("recall_ce", term)
             total = total + self.recall_weight * term
