@@ -47,7 +47,7 @@ def test_one_token_at_a_time_equals_one_call():
     ids = random_ids(1, 27)
     with torch.no_grad():
         whole = model(ids, return_logits=True)
-        losses, masks, logits, state = read_split(model, ids, [(i, i + 1) for i in range(27)])
+        losses, _, logits, state = read_split(model, ids, [(i, i + 1) for i in range(27)])
     torch.testing.assert_close(losses, whole.token_losses, atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, whole.logits, atol=ATOL, rtol=0)
     assert_same_state(state, whole.state)
