@@ -242,6 +242,29 @@ class MemoryState:
             pending_mask=pending_mask,
         )
 
+    def with_token_pending(
+        self, token: torch.Tensor, logits: torch.Tensor, active: torch.Tensor
+    ) -> MemoryState:
+        """One more token (batch,) added to the unfinished segment of the `active` rows, with the prediction
+        that follows it (batch, vocab): generation's step within a segment, read through a KV cache."""
+        batch, width = self.pending_ids.shape
+        zeros = self.pending_mask.new_zeros(batch, width + 1)
+        ids, mask = _last_valid(
+            torch.cat(
+                [self.pending_ids.new_zeros(batch, width + 1), self.pending_ids, token[:, None]], dim=1
+            ),
+            zeros,
+            torch.cat([self.pending_mask, active[:, None]], dim=1),
+        )
+        empty_columns = int((~mask.any(dim=0)).long().cumprod(dim=0).sum())
+        return replace(
+            self,
+            pending_ids=ids[:, empty_columns:],
+            pending_mask=mask[:, empty_columns:],
+            tokens=self.tokens + active.long(),
+            next_token_logits=torch.where(active[:, None], logits.float(), self.next_token_logits),
+        )
+
     def with_tokens_counted(self, new_tokens: torch.Tensor) -> MemoryState:
         """The state after `new_tokens` (batch,) more tokens were read."""
         return replace(self, tokens=self.tokens + new_tokens)

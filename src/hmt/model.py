@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +47,11 @@ from hmt.io import load_adapter_files, save_adapter_files
 from hmt.memory import MemoryState
 from hmt.recall import MemoryParameters
 from hmt.scoring import TokenScores
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+    from hmt.generation import GenerationOutput
 
 __all__ = ["IGNORE_INDEX", "HMTForCausalLM", "HMTOutput"]
 
@@ -243,6 +249,28 @@ class HMTForCausalLM(nn.Module):
             recall_weights=recall_weights if mode == "hmt" else None,
         )
 
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: MemoryState | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> GenerationOutput:
+        """Read `input_ids` (continuing `state`), then generate; returns the new tokens and the state after
+        them (the prompt and every generated token read: pass it on to continue a conversation).
+
+        Arguments follow transformers: a `GenerationConfig` (default: the backbone's) and/or
+        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+        `eos_token_id`, `pad_token_id`; `stop_strings` (with `tokenizer=`), `streamer` (e.g.
+        transformers' `TextStreamer`, batch size 1), `mode`. Rows may be left-padded. Output has no length
+        limit: segments close and memories are written as the text grows, and within a segment each token
+        runs through the backbone's KV cache. Greedy output is the argmax of reading the growing text.
+        """
+        from hmt.generation import generate
+
+        return generate(self, input_ids, attention_mask, state, generation_config, **kwargs)
+
     # ---- the four steps -------------------------------------------------------------------------
 
     def _query(
@@ -319,27 +347,17 @@ class HMTForCausalLM(nn.Module):
         (sum(seg_lengths), vocab), and the states at the r write slots (batch, r, output_dim), zeros for
         inactive rows (None without memory).
         """
-        embed = self.backbone.get_input_embeddings()
-        dtype = embed.weight.dtype
+        dtype = self.backbone.get_input_embeddings().weight.dtype
         rows = torch.nonzero(seg_lengths > 0).flatten().tolist()
         read_slots = self.memory.as_tokens(read).to(dtype) if read is not None else None  # (batch, r, d)
         use_sensory = use_sensory and self.config.num_sensory > 0
         sequences, text_starts = [], []
         for row in rows:
             tokens = seg_ids[row, : int(seg_lengths[row])]
-            if use_sensory:
-                recent = state.recent_ids[row][state.recent_mask[row]]
-                tokens = torch.cat([recent[max(0, len(recent) - self.config.num_sensory) :], tokens])
-            pieces, prefix = embed(tokens), 0
-            if read_slots is not None:
-                slots = read_slots[row]
-                pieces = torch.cat([slots, pieces, slots])
-                prefix = len(slots)
-                if self.config.attention_sink:
-                    pieces = torch.cat([self.memory.sink.to(dtype)[None, :], pieces])
-                    prefix += 1
+            slots = read_slots[row] if read_slots is not None else None
+            pieces, text_start = self._segment_embeddings(tokens, state, row, slots, use_sensory, write=True)
             sequences.append(pieces)
-            text_starts.append(prefix + len(tokens) - int(seg_lengths[row]))
+            text_starts.append(text_start)
         lengths = torch.tensor([len(s) for s in sequences], device=seg_ids.device)
         starts = torch.tensor(text_starts, device=seg_ids.device)
         positions = torch.arange(int(lengths.max()), device=seg_ids.device)
@@ -356,6 +374,63 @@ class HMTForCausalLM(nn.Module):
         written = states.new_zeros(seg_ids.shape[0], r, states.shape[-1])
         written[torch.tensor(rows, device=states.device)] = states[row_index, write_positions]
         return logits, written
+
+    def _segment_embeddings(
+        self,
+        tokens: torch.Tensor,
+        state: MemoryState,
+        row: int,
+        slots: torch.Tensor | None,
+        use_sensory: bool,
+        write: bool,
+    ) -> tuple[torch.Tensor, int]:
+        """One row's segment as the backbone reads it: [sink | P | sensory | tokens | P] (the sink and P
+        with memory, the last P only if `write`), and where `tokens` start in it."""
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        if use_sensory:
+            recent = state.recent_ids[row][state.recent_mask[row]]
+            tokens = torch.cat([recent[max(0, len(recent) - self.config.num_sensory) :], tokens])
+            num_sensory = min(len(recent), self.config.num_sensory)
+        else:
+            num_sensory = 0
+        pieces, prefix = self.backbone.get_input_embeddings()(tokens), 0
+        if slots is not None:
+            pieces = torch.cat([slots, pieces, slots] if write else [slots, pieces])
+            prefix = len(slots)
+            if self.config.attention_sink:
+                pieces = torch.cat([self.memory.sink.to(dtype)[None, :], pieces])
+                prefix += 1
+        return pieces, prefix + num_sensory
+
+    def _open_segments(self, state: MemoryState, mode: str) -> list[torch.Tensor]:
+        """Each row's unfinished segment as the backbone has read it so far, [sink | P | sensory | pending]
+        (the read from the state alone: the causal query is the text before the segment). Generation
+        builds its KV cache from these."""
+        read = None
+        if mode == "hmt":
+            if self.config.recall_query != "causal":
+                raise ValueError(
+                    "generation needs the causal recall query (the paper's reads tokens not yet generated); "
+                    "load the adapter with recall_query='causal'"
+                )
+            batch = state.batch_size
+            ones = torch.ones(batch, dtype=torch.long, device=self.device)
+            probe = PackedInputs(  # one token per row: step 0's causal query is the text before it
+                ids=ones[:, None] * 0, targets=ones[:, None] * IGNORE_INDEX, lengths=ones, offsets=ones * 0
+            )
+            read, _ = self._recall(mode, state, self._query(probe, state, 1)[:, 0])
+        elif mode in MEMORY_MODES:
+            read, _ = self._recall(mode, state, None)
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        slots = self.memory.as_tokens(read).to(dtype) if read is not None else None
+        use_sensory = mode != "backbone" and self.config.num_sensory > 0
+        return [
+            self._segment_embeddings(
+                state.pending_tokens(row), state, row, slots[row] if slots is not None else None,
+                use_sensory, write=False,
+            )[0]
+            for row in range(state.batch_size)
+        ]  # fmt: skip
 
     # ---- backbone calls ---------------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""Generation: HMT reads its own output one token at a time, across segment boundaries without limit.
+
+Within a segment each new token runs through the backbone's KV cache over the open segment
+([sink | P | sensory | tokens so far]); the token that fills a segment is read by the ordinary forward
+pass, which closes the segment (writes its memory), and the cache is rebuilt for the next one from the
+state. The state is the only thing carried, so generation continues any state a forward call returned,
+and its result equals reading the prompt and the generated tokens in one call.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import ModelOutput
+
+from hmt.backbone import eval_mode
+from hmt.config import check_mode
+from hmt.memory import MemoryState
+
+if TYPE_CHECKING:
+    from hmt.model import HMTForCausalLM
+
+DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length, as new tokens (the context has no length)
+
+
+@dataclass
+class GenerationOutput(ModelOutput):
+    """What `HMTForCausalLM.generate` returns."""
+
+    sequences: torch.Tensor | None = None  # (batch, new): the generated ids, pad_token_id after a row stopped
+    state: MemoryState | None = None  # memory after the prompt and every generated token: continue with it
+
+
+class SegmentCache:
+    """The backbone's KV cache over each row's open segment, left-padded; built from a state."""
+
+    def __init__(self, model: HMTForCausalLM, sequences: list[torch.Tensor]) -> None:
+        lengths = torch.tensor([len(s) for s in sequences], device=model.device)
+        width = int(lengths.max())
+        positions = torch.arange(width, device=model.device)
+        self.mask = positions[None, :] >= (width - lengths)[:, None]  # (batch, width) bool, left padding
+        inputs = sequences[0].new_zeros(len(sequences), width, sequences[0].shape[-1])
+        for row, sequence in enumerate(sequences):
+            inputs[row, width - len(sequence) :] = sequence
+        self.model = model
+        self.next_position = lengths.clone()
+        out = model.backbone(
+            inputs_embeds=inputs,
+            attention_mask=self.mask.long(),
+            position_ids=(self.mask.long().cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.cache
+
+    @classmethod
+    def build(cls, model: HMTForCausalLM, state: MemoryState, mode: str) -> SegmentCache | None:
+        """The cache over each row's open segment, or None while some row's is empty (nothing to attend
+        to: the backbone mode right after a segment closed); the next token is then read by a forward."""
+        sequences = model._open_segments(state, mode)
+        if min(len(s) for s in sequences) == 0:
+            return None
+        return cls(model, sequences)
+
+    def step(self, token: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Read one token per row (ignored for inactive rows); the logits after it (batch, vocab)."""
+        self.mask = torch.cat([self.mask, active[:, None]], dim=1)
+        embeddings = self.model.backbone.get_input_embeddings()(token[:, None])
+        out = self.model.backbone(
+            inputs_embeds=embeddings,
+            attention_mask=self.mask.long(),
+            position_ids=self.next_position[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.cache
+        self.next_position = self.next_position + active.long()
+        return out.logits[:, -1]
+
+
+def generate(
+    model: HMTForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    state: MemoryState | None = None,
+    generation_config: GenerationConfig | None = None,
+    *,
+    mode: str | None = None,
+    streamer: Any = None,
+    tokenizer: Any = None,
+    stop_strings: str | list[str] | None = None,
+    **kwargs: Any,
+) -> GenerationOutput:
+    """See `HMTForCausalLM.generate`."""
+    config = _generation_config(model, generation_config, kwargs)
+    mode = check_mode(mode or model.mode)
+    stop_strings = stop_strings or config.stop_strings
+    stop = _stop_strings(tokenizer, stop_strings)
+    processors = _processors(config)
+    eos = _token_set(config.eos_token_id)
+    pad = _pad_id(config, eos)
+    length = model.config.segment_length
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError("a streamer shows one text: give input_ids of batch size 1")
+    with torch.no_grad(), eval_mode(model):
+        state = model(input_ids, attention_mask=attention_mask, state=state, mode=mode, num_logits=0).state
+        batch = input_ids.shape[0]
+        history = input_ids.to(model.device)
+        active = torch.ones(batch, dtype=torch.bool, device=model.device)
+        cache, new_tokens = None, []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for _ in range(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS):
+            scores = processors(history, state.next_token_logits.clone())
+            token = _choose(scores, config.do_sample)
+            token = torch.where(active, token, torch.full_like(token, pad))
+            new_tokens.append(token)
+            history = torch.cat([history, token[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            closing = active & (state.num_pending + 1 >= length)
+            if cache is None or bool(closing.any()):  # the forward pass closes segments and writes memory
+                state = model(
+                    token[:, None],
+                    attention_mask=active[:, None].long(),
+                    state=state,
+                    mode=mode,
+                    num_logits=0,
+                ).state
+                cache = None
+            else:
+                state = state.with_token_pending(token, cache.step(token, active), active)
+            finished = torch.isin(token, torch.tensor(sorted(eos), device=token.device, dtype=token.dtype))
+            if stop is not None:
+                finished |= stop(history, scores).to(finished.device)
+            active = active & ~finished
+            if not bool(active.any()):
+                break
+            if cache is None:
+                cache = SegmentCache.build(model, state, mode)
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.stack(new_tokens, dim=1) if new_tokens else history[:, :0]
+    return GenerationOutput(sequences=sequences, state=state)
+
+
+def _generation_config(
+    model: HMTForCausalLM, given: GenerationConfig | None, kwargs: dict
+) -> GenerationConfig:
+    """The backbone's generation config (or the one given), updated with the keyword arguments."""
+    base = given if given is not None else getattr(model.backbone, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    unused = config.update(**kwargs)
+    if unused:
+        raise ValueError(f"unknown generation arguments {sorted(unused)}")
+    if config.max_new_tokens is not None and config.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {config.max_new_tokens}")
+    if config.num_beams not in (None, 1):
+        raise ValueError("beam search is not supported: use greedy decoding or sampling (num_beams=1)")
+    return config
+
+
+def _processors(config: GenerationConfig) -> LogitsProcessorList:
+    """transformers' own processors for the settings asked: repetition penalty, and when sampling
+    temperature, top-k and top-p."""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            processors.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(config.top_p))
+    return processors
+
+
+def _choose(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(scores.float(), dim=-1), num_samples=1)[:, 0]
+
+
+def _stop_strings(tokenizer: Any, stop_strings: str | list[str] | None) -> StopStringCriteria | None:
+    if not stop_strings:
+        return None
+    if tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer: pass tokenizer=...")
+    return StopStringCriteria(tokenizer, stop_strings)
+
+
+def _token_set(ids: int | list[int] | None) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def _pad_id(config: GenerationConfig, eos: set[int]) -> int:
+    if config.pad_token_id is not None:
+        return int(config.pad_token_id)
+    return min(eos) if eos else 0
