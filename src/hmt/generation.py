@@ -101,6 +101,7 @@ def generate(
     streamer: Any = None,
     tokenizer: Any = None,
     stop_strings: str | list[str] | None = None,
+    end_segment: bool = False,
     **kwargs: Any,
 ) -> GenerationOutput:
     """See `HMTForCausalLM.generate`."""
@@ -115,7 +116,14 @@ def generate(
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError("a streamer shows one text: give input_ids of batch size 1")
     with torch.no_grad(), eval_mode(model):
-        state = model(input_ids, attention_mask=attention_mask, state=state, mode=mode, num_logits=0).state
+        state = model(
+            input_ids,
+            attention_mask=attention_mask,
+            state=state,
+            mode=mode,
+            num_logits=0,
+            end_segment=end_segment,
+        ).state
         batch = input_ids.shape[0]
         history = input_ids.to(model.device)
         active = torch.ones(batch, dtype=torch.bool, device=model.device)

@@ -263,7 +263,9 @@ class HMTForCausalLM(nn.Module):
         Arguments follow transformers: a `GenerationConfig` (default: the backbone's) and/or
         `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
         `eos_token_id`, `pad_token_id`; `stop_strings` (with `tokenizer=`), `streamer` (e.g.
-        transformers' `TextStreamer`, batch size 1), `mode`. Rows may be left-padded. Output has no length
+        transformers' `TextStreamer`, batch size 1), `mode`; `end_segment=True` closes the prompt's last
+        segment first (a question read as its own segment, so the answer's recalls with it as the query).
+        Rows may be left-padded. Output has no length
         limit: segments close and memories are written as the text grows, and within a segment each token
         runs through the backbone's KV cache. Greedy output is the argmax of reading the growing text.
         """

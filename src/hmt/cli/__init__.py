@@ -14,6 +14,7 @@ from hmt.cli.bench import bench_command
 from hmt.cli.eval import eval_command
 from hmt.cli.inspect import inspect_command, version_command
 from hmt.cli.needle import needle_command
+from hmt.cli.session import ask_command, chat_command, generate_command, read_command
 from hmt.cli.train import train_command
 
 DEBUG_VARIABLE = "HMT_DEBUG"
@@ -28,6 +29,10 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("train")(train_command)
 app.command("needle")(needle_command)
+app.command("read")(read_command)
+app.command("ask")(ask_command)
+app.command("chat")(chat_command)
+app.command("generate")(generate_command)
 app.command("bench")(bench_command)
 app.command("inspect")(inspect_command)
 app.command("version")(version_command)

@@ -1,0 +1,330 @@
+"""`hmt read`, `hmt ask`, `hmt chat`, `hmt generate`: put a long text into a saved memory and use it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hmt.cli.options import (
+    AdapterOpt,
+    BackboneOpt,
+    DeviceOpt,
+    DtypeOpt,
+    NumSensoryOpt,
+    SegmentLengthOpt,
+    given,
+)
+
+SESSIONS_VARIABLE = "HMT_SESSIONS_DIR"
+ASK_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+ASK_STOPS = ["\n\n", "\nQuestion:"]
+CHAT_TEMPLATE = "\nUser: {message}\nAssistant:"
+CHAT_STOPS = ["\nUser:"]
+
+SessionsDirOpt = Annotated[
+    Path | None,
+    typer.Option(help=f"Folder of saved sessions; default ${SESSIONS_VARIABLE}, else ~/.hmt/sessions."),
+]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0: greedy.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of this probability.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: all).")]
+RepetitionPenaltyOpt = Annotated[float, typer.Option(help="transformers' repetition penalty (1: none).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of sampling and of untrained memory parameters.")]
+
+
+def sessions_dir(given_dir: Path | None) -> Path:
+    if given_dir is not None:
+        return given_dir
+    return Path(os.environ.get(SESSIONS_VARIABLE) or Path.home() / ".hmt" / "sessions")
+
+
+class Reader:
+    """The model, tokenizer and identity that read and use sessions, loaded once per command."""
+
+    def __init__(
+        self,
+        backbone: str | None,
+        adapter: Path | None,
+        reading: dict,
+        dtype: str,
+        device: str | None,
+        seed: int,
+    ):
+        from hmt.backbone import quiet_transformers, resolve_device
+        from hmt.cli.eval import load_models, resolve_adapter
+        from hmt.sessions import model_identity
+
+        resolve_device(device)
+        quiet_transformers()
+        self.adapter = resolve_adapter(adapter, backbone)
+        self.model, _, plain, _ = load_models(backbone, self.adapter, reading, dtype, device, seed, False)
+        self.model.eval()
+        self.tokenizer = plain.tokenizer
+        self.identity = model_identity(self.model, plain.name, self.adapter)
+
+    def encode(self, text: str):
+        import torch
+
+        ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+
+    def generate(
+        self, prompt: str, state: Any, settings: dict[str, Any], stops: list[str], show: bool, **kwargs
+    ):
+        """Generate after `prompt`, streaming the text to stdout if `show`; (text, output)."""
+        from transformers import TextStreamer
+
+        ids = self.encode(prompt)
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty: give some text")
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True) if show else None
+        out = self.model.generate(
+            ids[None], state=state, tokenizer=self.tokenizer, stop_strings=stops, streamer=streamer,
+            **settings, **kwargs,
+        )  # fmt: skip
+        text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
+        for stop in stops:  # the stop string ends the answer; it is not part of it
+            text = text.split(stop)[0]
+        return text.strip(), out
+
+
+def sampling(
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float
+) -> dict:
+    """Generation settings from the command's options (temperature 0: greedy)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError("--temperature >= 0, --top-p in (0, 1], --top-k >= 0 and --repetition-penalty > 0")
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+    if temperature == 0:
+        return {**settings, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {**settings, "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+
+
+def read_command(
+    file: Annotated[Path, typer.Argument(help="Text file to read ('-': standard input).")],
+    session: Annotated[str, typer.Option(help="Name of the session to read into.")],
+    append: Annotated[bool, typer.Option(help="Read after what the session already holds.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the session if it exists.")] = False,
+    chunk: Annotated[int, typer.Option(help="Tokens read per call (memory use, not results).")] = 4096,
+    sessions: SessionsDirOpt = None,
+    backbone: BackboneOpt = None,
+    adapter: AdapterOpt = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Read a text of any length into a saved memory (a session) to ask about it later."""
+    import sys
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from hmt.sessions import SessionInfo, SessionStore, check_name
+
+    console = Console(stderr=True)
+    check_name(session)
+    if append and overwrite:
+        raise ValueError("--append and --overwrite exclude each other: keep the session or replace it")
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {chunk}")
+    store = SessionStore(sessions_dir(sessions))
+    if store.exists(session) and not (append or overwrite):
+        raise FileExistsError(
+            f"session {session!r} exists in {store.directory}: pass --append to read more into it or "
+            "--overwrite to replace it"
+        )
+    if str(file) == "-":
+        text = sys.stdin.read()
+    elif not file.is_file():
+        raise FileNotFoundError(f"{file} is not a file")
+    else:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{file} is not UTF-8 text") from None
+    with console.status("loading the model"):
+        reader = Reader(
+            backbone,
+            adapter,
+            given(segment_length=segment_length, num_sensory=num_sensory),
+            dtype,
+            device,
+            seed,
+        )
+    state, info = None, SessionInfo(model=reader.identity)
+    if append and store.exists(session):
+        state, info = store.load(session, reader.identity, device=reader.model.device)
+        text = "\n\n" + text
+    ids = reader.encode(text)
+    if ids.numel() == 0 or not text.strip():
+        raise ValueError(f"{file} holds no text to read")
+    started = time.perf_counter()
+    columns = (TextColumn("reading"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[speed]}"))
+    with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("read", total=ids.numel(), speed="")
+        with torch.no_grad():
+            for start in range(0, ids.numel(), chunk):
+                state = reader.model(ids[None, start : start + chunk], state=state, num_logits=0).state
+                done = min(start + chunk, ids.numel())
+                speed = f"{done / (time.perf_counter() - started):,.0f} tok/s"
+                progress.update(task, completed=done, speed=speed)
+    seconds = time.perf_counter() - started
+    info.sources.append(str(file))
+    store.save(session, state, info)
+    console.print(
+        f"read {ids.numel():,} tokens in {seconds:.1f} s ({ids.numel() / seconds:,.0f} tok/s) into session "
+        f"[bold]{session}[/] ({int(state.tokens.sum()):,} tokens, {int(state.num_memories.sum())} memories) "
+        f"in {store.directory}"
+    )
+
+
+def ask_command(
+    session: Annotated[str, typer.Argument(help="Session to ask (made by hmt read).")],
+    question: Annotated[str, typer.Argument(help="The question.")],
+    keep: Annotated[bool, typer.Option(help="Save the question and answer into the session.")] = False,
+    own_segment: Annotated[
+        bool,
+        typer.Option(
+            help="Read the question as its own segment, so the answer's segment recalls with it as the "
+            "query (how recall was trained); --no-own-segment reads it on in the document's last segment."
+        ),
+    ] = True,
+    max_new_tokens: MaxNewTokensOpt = 48,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    sessions: SessionsDirOpt = None,
+    backbone: BackboneOpt = None,
+    adapter: AdapterOpt = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Answer a question from a session's memory (unchanged unless --keep)."""
+    import torch
+
+    from hmt.sessions import SessionStore
+
+    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    if not question.strip():
+        raise ValueError("the question is empty")
+    store = SessionStore(sessions_dir(sessions))
+    reader = Reader(
+        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
+    )
+    state, info = store.load(session, reader.identity, device=reader.model.device)
+    torch.manual_seed(seed)
+    prompt = ASK_TEMPLATE.format(question=question.strip())
+    answer, out = reader.generate(prompt, state, settings, ASK_STOPS, show=False, end_segment=own_segment)
+    typer.echo(answer)
+    if keep:
+        info.sources.append("ask")
+        store.save(session, out.state, info)
+
+
+def chat_command(
+    session: Annotated[
+        str | None, typer.Argument(help="Session to keep the conversation in (optional).")
+    ] = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.1,
+    sessions: SessionsDirOpt = None,
+    backbone: BackboneOpt = None,
+    adapter: AdapterOpt = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Chat with a memory that lasts: every turn is read into it; with a session, across runs too.
+    An empty line, /exit or end of input ends the chat."""
+    import torch
+
+    from hmt.sessions import SessionInfo, SessionStore, check_name
+
+    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    store = SessionStore(sessions_dir(sessions))
+    if session is not None:
+        check_name(session)
+    reader = Reader(
+        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
+    )
+    state, info = None, SessionInfo(model=reader.identity)
+    if session is not None and store.exists(session):
+        state, info = store.load(session, reader.identity, device=reader.model.device)
+        typer.echo(f"(session {session}: {int(state.tokens.sum()):,} tokens remembered)")
+    torch.manual_seed(seed)
+    while True:
+        try:
+            message = input("you> ")
+        except EOFError:
+            break
+        if not message.strip() or message.strip() == "/exit":
+            break
+        prompt = CHAT_TEMPLATE.format(message=message.strip())
+        answer, out = reader.generate(prompt, state, settings, CHAT_STOPS, show=False)
+        state = out.state
+        typer.echo(f"hmt> {answer}")
+        if session is not None:
+            if "chat" not in info.sources:
+                info.sources.append("chat")
+            store.save(session, state, info)
+
+
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    session: Annotated[str | None, typer.Option(help="Continue after this session's memory.")] = None,
+    keep: Annotated[bool, typer.Option(help="Save the prompt and continuation into --session.")] = False,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    sessions: SessionsDirOpt = None,
+    backbone: BackboneOpt = None,
+    adapter: AdapterOpt = None,
+    segment_length: SegmentLengthOpt = None,
+    num_sensory: NumSensoryOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Continue a text (after a session's memory, with --session)."""
+    import torch
+
+    from hmt.sessions import SessionStore
+
+    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    if keep and session is None:
+        raise ValueError("--keep saves into a session: give --session NAME")
+    store = SessionStore(sessions_dir(sessions))
+    reader = Reader(
+        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
+    )
+    state, info = None, None
+    if session is not None:
+        state, info = store.load(session, reader.identity, device=reader.model.device)
+    torch.manual_seed(seed)
+    typer.echo(prompt, nl=False)
+    _, out = reader.generate(prompt, state, settings, [], show=True)
+    typer.echo()
+    if keep:
+        info.sources.append("generate")
+        store.save(session, out.state, info)
