@@ -19,8 +19,9 @@ from hmt.cli.options import (
 )
 
 SESSIONS_VARIABLE = "HMT_SESSIONS_DIR"
-ASK_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
-ASK_STOPS = ["\n\n", "\nQuestion:"]
+# Without a chat template (base models): plain-text turns, ended by the next turn's label.
+ASK_TEMPLATE = "\n\nQuestion: {message}\nAnswer:"
+ASK_STOPS = ["\nQuestion:"]
 CHAT_TEMPLATE = "\nUser: {message}\nAssistant:"
 CHAT_STOPS = ["\nUser:"]
 
@@ -61,10 +62,22 @@ class Reader:
         resolve_device(device)
         quiet_transformers()
         self.adapter = resolve_adapter(adapter, backbone)
+        # Always the causal query: generation cannot form the paper's, and a memory read with it in pieces
+        # equals one read only at segment boundaries. (On the shipped adapter the two read alike.)
+        reading = {**reading, "recall_query": "causal"}
         self.model, _, plain, _ = load_models(backbone, self.adapter, reading, dtype, device, seed, False)
         self.model.eval()
         self.tokenizer = plain.tokenizer
         self.identity = model_identity(self.model, plain.name, self.adapter)
+
+    def turn(self, message: str, template: str, stops: list[str]) -> tuple[str, list[str]]:
+        """A user turn as text to read, and the strings that end the answer: the tokenizer's chat template
+        when it has one (the answer ends with its end-of-turn token), else `template`."""
+        if getattr(self.tokenizer, "chat_template", None):
+            chat = [{"role": "user", "content": message}]
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            return "\n" + text, []
+        return template.format(message=message), stops
 
     def encode(self, text: str):
         import torch
@@ -89,7 +102,7 @@ class Reader:
         text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
         for stop in stops:  # the stop string ends the answer; it is not part of it
             text = text.split(stop)[0]
-        return text.strip(), out
+        return text.strip() or "(no answer)", out
 
 
 def sampling(
@@ -196,9 +209,10 @@ def ask_command(
         bool,
         typer.Option(
             help="Read the question as its own segment, so the answer's segment recalls with it as the "
-            "query (how recall was trained); --no-own-segment reads it on in the document's last segment."
+            "query (how recall adapters are trained); by default it is read on in the document's last "
+            "segment, whose text then stays in view."
         ),
-    ] = True,
+    ] = False,
     max_new_tokens: MaxNewTokensOpt = 48,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -227,8 +241,8 @@ def ask_command(
     )
     state, info = store.load(session, reader.identity, device=reader.model.device)
     torch.manual_seed(seed)
-    prompt = ASK_TEMPLATE.format(question=question.strip())
-    answer, out = reader.generate(prompt, state, settings, ASK_STOPS, show=False, end_segment=own_segment)
+    prompt, stops = reader.turn(question.strip(), ASK_TEMPLATE, ASK_STOPS)
+    answer, out = reader.generate(prompt, state, settings, stops, show=False, end_segment=own_segment)
     typer.echo(answer)
     if keep:
         info.sources.append("ask")
@@ -278,8 +292,8 @@ def chat_command(
             break
         if not message.strip() or message.strip() == "/exit":
             break
-        prompt = CHAT_TEMPLATE.format(message=message.strip())
-        answer, out = reader.generate(prompt, state, settings, CHAT_STOPS, show=False)
+        prompt, stops = reader.turn(message.strip(), CHAT_TEMPLATE, CHAT_STOPS)
+        answer, out = reader.generate(prompt, state, settings, stops, show=False)
         state = out.state
         typer.echo(f"hmt> {answer}")
         if session is not None:
