@@ -60,3 +60,22 @@ def test_peak_memory_sees_a_buffer_freed_inside_the_block():
 def test_bad_bench_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_bench_generate_measures_both_generators_and_a_long_read(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "gen"
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "bench", "--generate", "--out", str(out), "--backbone", str(tiny_model_dir),
+        "--segment-length", "16", "--num-sensory", "4", "--new-tokens", "40", "--read-tokens", "300",
+        "--repeats", "2", "--dtype", "fp32", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "generate.json").read_text())
+    generation = report["generation"]
+    assert generation["new_tokens"] == 40 and generation["prompt_tokens"] == 20
+    assert set(generation["tokens_per_second"]) == {"transformers", "hmt"}
+    assert generation["hmt_vs_transformers"] > 0
+    assert generation["read"]["tokens"] == 300 and generation["read"]["seconds"] > 0
+    assert "vs transformers" in stdout and "read 300 tokens" in stdout

@@ -163,3 +163,87 @@ class PeakMemory:
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
+
+
+@dataclass(frozen=True)
+class GenerationBenchConfig:
+    """Generation speed of hmt against transformers' `generate` on the plain backbone, and the time to
+    read a long text into a memory. The prompt is one window (L + k tokens) of random ids."""
+
+    new_tokens: int = 256
+    read_tokens: int = 65536
+    repeats: int = 3  # runs of each generator, interleaved; the fastest counts
+    segment_length: int = 512
+    num_sensory: int = 32
+    cache_size: int = 300
+    backbone: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 1 or self.read_tokens < 0 or self.repeats < 1:
+            raise ValueError("new_tokens >= 1, read_tokens >= 0 and repeats >= 1, please")
+
+
+def run_generation_bench(config: GenerationBenchConfig, progress: Progress | None = None) -> dict:
+    """Greedy generation of `new_tokens` (no early stop) by both, `repeats` times interleaved so both see
+    the same minutes of a shared machine; then one read of `read_tokens` tokens in 4,096-token calls."""
+    from hmt.backbone import load_backbone, quiet_transformers
+    from hmt.config import HMTConfig
+    from hmt.model import HMTForCausalLM
+
+    quiet_transformers()
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(config.backbone, dtype=config.dtype, device=config.device)
+    hmt_config = HMTConfig(
+        segment_length=config.segment_length, num_sensory=config.num_sensory, cache_size=config.cache_size
+    )
+    model = HMTForCausalLM(backbone.model, hmt_config).eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    prompt_length = config.segment_length + config.num_sensory
+    prompt = torch.randint(0, model.vocab_size, (1, prompt_length), generator=generator).to(model.device)
+    runs: dict[str, list[float]] = {"transformers": [], "hmt": []}
+    new = config.new_tokens
+    for repeat in range(config.repeats):
+        for name in runs:
+            if progress is not None:
+                progress(f"generate · {name}", new, repeat)
+            started = time.perf_counter()
+            with torch.no_grad():
+                if name == "transformers":
+                    out = backbone.model.generate(
+                        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False,
+                    )  # fmt: skip
+                    made = out.shape[1] - prompt_length
+                else:
+                    made = model.generate(prompt, max_new_tokens=new, do_sample=False, eos_token_id=None)
+                    made = made.sequences.shape[1]
+            runs[name].append(time.perf_counter() - started)
+            if made != new:
+                raise RuntimeError(f"{name} made {made} tokens instead of {new}")
+    best = {name: min(times) for name, times in runs.items()}
+    report: dict = {
+        "prompt_tokens": prompt_length,
+        "new_tokens": new,
+        "seconds": best,
+        "tokens_per_second": {name: new / seconds for name, seconds in best.items()},
+        "hmt_vs_transformers": best["transformers"] / best["hmt"],
+    }
+    if config.read_tokens:
+        if progress is not None:
+            progress("read", config.read_tokens, config.repeats)
+        stream = torch.randint(0, model.vocab_size, (1, config.read_tokens), generator=generator)
+        stream = stream.to(model.device)
+        state, started = None, time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, config.read_tokens, 4096):
+                state = model(stream[:, start : start + 4096], state=state, num_logits=0).state
+        seconds = time.perf_counter() - started
+        report["read"] = {
+            "tokens": config.read_tokens,
+            "seconds": seconds,
+            "tokens_per_second": config.read_tokens / seconds,
+        }
+    return report

@@ -27,6 +27,7 @@ from hmt.cli.options import (
 )
 
 RESULTS_NAME = "bench.json"
+GENERATE_NAME = "generate.json"
 PLOT_NAME = "bench.png"
 
 
@@ -45,12 +46,24 @@ def bench_command(
     repeats: Annotated[
         int, typer.Option(help="Measure each row this many times; the fastest run and highest peak count.")
     ] = 1,
+    generate: Annotated[
+        bool,
+        typer.Option(
+            help="Measure generation instead: hmt's tokens/s against transformers' generate on the plain "
+            "backbone (a one-window prompt), and the seconds to read --read-tokens into a memory."
+        ),
+    ] = False,
+    new_tokens: Annotated[int, typer.Option(help="With --generate: tokens generated per run.")] = 256,
+    read_tokens: Annotated[
+        int, typer.Option(help="With --generate: tokens read into a memory (0: skip).")
+    ] = 65536,
     backbone: BackboneOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Speed and peak memory of reading streams of growing length, each mode in a fresh process."""
+    """Speed and peak memory of reading streams of growing length, each mode in a fresh process (or,
+    with --generate, the speed of generation and of reading a long text into a memory)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -59,6 +72,10 @@ def bench_command(
     from hmt.io import check_output, write_text_atomic
     from hmt.plots import plot_bench
 
+    if generate:
+        generate_bench(out, new_tokens, read_tokens, repeats, segment_length, num_sensory, cache_size,
+                       backbone, dtype, device, overwrite)  # fmt: skip
+        return
     config = BenchConfig(
         modes=split_list(modes),
         lengths=split_ints(lengths, "--lengths"),
@@ -90,6 +107,50 @@ def bench_command(
     written = [results_path, plot_bench(report, out / PLOT_NAME)]
     console.print(bench_table(report))
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def generate_bench(out, new_tokens, read_tokens, repeats, segment_length, num_sensory, cache_size,
+                   backbone, dtype, device, overwrite) -> None:  # fmt: skip
+    """`hmt bench --generate`: generation and long-read speed, a table and generate.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hmt.backbone import resolve_device
+    from hmt.bench import GenerationBenchConfig, run_generation_bench
+    from hmt.io import check_output, write_text_atomic
+
+    config = GenerationBenchConfig(
+        new_tokens=new_tokens, read_tokens=read_tokens, repeats=repeats,
+        **given(segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size),
+        backbone=backbone, dtype=dtype, device=device,
+    )  # fmt: skip
+    resolve_device(device)
+    results_path = check_output(out, GENERATE_NAME, overwrite)
+    console = Console()
+    with console.status("measuring") as status:
+        result = run_generation_bench(
+            config,
+            lambda what, tokens, repeat: status.update(f"{what} · {tokens:,} tokens · run {repeat + 1}"),
+        )
+    report = bench_report(config, []) | {"generation": result}
+    del report["rows"]
+    write_text_atomic(results_path, json.dumps(report, indent=2) + "\n")
+    table = Table(
+        title=f"Generating {result['new_tokens']} tokens after a {result['prompt_tokens']}-token prompt (greedy)",
+        caption=f"fastest of {config.repeats} interleaved run(s) each",
+    )
+    for name in ("generator", "tokens/s", "vs transformers"):
+        table.add_column(name, justify="left" if name == "generator" else "right")
+    for name, speed in result["tokens_per_second"].items():
+        ratio = speed / result["tokens_per_second"]["transformers"]
+        table.add_row(name, f"{speed:,.1f}", f"{ratio:.2f}×")
+    console.print(table)
+    if "read" in result:
+        read = result["read"]
+        console.print(
+            f"read {read['tokens']:,} tokens into a memory in {read['seconds']:.1f} s ({read['tokens_per_second']:,.0f} tok/s)"
+        )
+    console.print(f"wrote {results_path}")
 
 
 def bench_report(config, measurements) -> dict[str, Any]:
