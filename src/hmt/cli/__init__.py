@@ -14,6 +14,7 @@ from hmt.cli.bench import bench_command
 from hmt.cli.eval import eval_command
 from hmt.cli.inspect import inspect_command, version_command
 from hmt.cli.needle import needle_command
+from hmt.cli.serve import serve_command
 from hmt.cli.session import ask_command, chat_command, generate_command, read_command
 from hmt.cli.train import train_command
 
@@ -33,6 +34,7 @@ app.command("read")(read_command)
 app.command("ask")(ask_command)
 app.command("chat")(chat_command)
 app.command("generate")(generate_command)
+app.command("serve")(serve_command)
 app.command("bench")(bench_command)
 app.command("inspect")(inspect_command)
 app.command("version")(version_command)
