@@ -105,3 +105,42 @@ def test_shipped_adapter_is_trained_for_the_default_backbone(smollm, cache_dir):
     assert model.config.backbone == "smollm2-135m" and model.backbone is not smollm.model
     trained = run_eval(model, stream, EvalConfig(modes=("hmt",)))["hmt"].ppl
     assert trained < 0.95 * window
+
+
+def test_read_then_ask_on_the_default_backbone(smollm, cache_dir, tmp_path, monkeypatch, capsys):
+    """The issue's end-to-end path: a held-out essay read into a session with the shipped adapter, then
+    a question answered from it (a fluent answer; whether it is right is the recall work's business)."""
+    from conftest import run_cli
+    from hmt.data import load_documents
+
+    monkeypatch.setenv("HMT_CACHE", str(cache_dir))
+    essay = tmp_path / "essay.txt"
+    essay.write_text(load_documents("essays", "test")[0].text[:3000])
+    sessions = ["--sessions", str(tmp_path / "sessions"), "--dtype", "fp32"]
+    code, _, err = run_cli(monkeypatch, capsys, "read", str(essay), "--session", "essay", *sessions)
+    assert code == 0, err
+    code, out, err = run_cli(
+        monkeypatch, capsys, "ask", "essay", "What is the essay about?", "--max-new-tokens", "24", *sessions
+    )
+    assert code == 0, err
+    words = out.split()
+    assert len(words) >= 3 and out.strip() != "(no answer)"
+
+
+@pytest.mark.slow
+def test_greedy_generation_on_the_real_model_equals_rereading(smollm):
+    """Across a segment boundary on the real backbone and shipped adapter: the KV-cache path agrees with
+    reading the growing text in one call."""
+    from hmt import HMTForCausalLM
+    from hmt.io import shipped_adapter
+
+    model = HMTForCausalLM.from_pretrained(shipped_adapter(), smollm.model, recall_query="causal").eval()
+    prompt = smollm.tokenizer("The history of the printing press", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        prefix = model(torch.randint(100, 20000, (1, 250), generator=torch.Generator().manual_seed(0))).state
+        out = model.generate(prompt, state=prefix, max_new_tokens=24, do_sample=False, eos_token_id=None)
+        text = prompt
+        for _ in range(24):
+            logits = model(text, state=prefix).state.next_token_logits
+            text = torch.cat([text, logits.argmax(-1, keepdim=True)], 1)
+    assert out.sequences.tolist() == text[:, prompt.shape[1] :].tolist()

@@ -25,7 +25,7 @@ def test_store_saves_loads_and_refuses_another_model(tmp_path):
     assert torch.equal(loaded.pending_ids, state.pending_ids) and info.tokens == 21
     assert store.names() == ["book"]
     other = tiny_hmt("llama", segment_length=16)
-    with pytest.raises(ValueError, match="session 'book' was made with another model .*hmt_config"):
+    with pytest.raises(ValueError, match=r"session 'book' was made with another model .*hmt_config"):
         store.load("book", identity(other))
     with pytest.raises(FileNotFoundError, match=r"no session 'novel' .*\(sessions there: book\)"):
         store.load("novel", identity(model))
