@@ -16,6 +16,7 @@ def _declared() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
     requirements += project["optional-dependencies"]["datasets"]  # imported only for hf: data sources
+    requirements += project["optional-dependencies"]["serve"]  # imported only by hmt serve
     return {_normalise(re.split(r"[<>=!~ \[;]", r, maxsplit=1)[0]) for r in requirements}
 
 
