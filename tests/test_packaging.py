@@ -17,6 +17,7 @@ def _declared() -> set[str]:
     requirements = list(project["dependencies"])
     requirements += project["optional-dependencies"]["datasets"]  # imported only for hf: data sources
     requirements += project["optional-dependencies"]["serve"]  # imported only by hmt serve
+    requirements += project["optional-dependencies"]["eval"]  # imported only by hmt lm-eval / hmt.harness
     return {_normalise(re.split(r"[<>=!~ \[;]", r, maxsplit=1)[0]) for r in requirements}
 
 

@@ -144,3 +144,31 @@ def test_greedy_generation_on_the_real_model_equals_rereading(smollm):
             logits = model(text, state=prefix).state.next_token_logits
             text = torch.cat([text, logits.argmax(-1, keepdim=True)], 1)
     assert out.sequences.tolist() == text[:, prompt.shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_lm_eval_model_on_the_default_backbone(smollm, cache_dir, monkeypatch):
+    """`--model hmt` with its defaults (default backbone, shipped adapter): a held-out essay's rolling
+    log-likelihood is hmt eval's on the same tokens, and a true continuation beats a shuffled one."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from hmt.data import load_documents
+    from hmt.evaluate import EvalConfig, run_eval
+    from hmt.harness import HMTLM
+
+    monkeypatch.setenv("HMT_CACHE", str(cache_dir))
+    lm = HMTLM(dtype="fp32", device="cpu", batch_size=2)
+    assert lm.adapter is not None and lm.model.config.recall_query == "causal"
+    text = load_documents("essays", "test")[0].text[:4000]
+    [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    stream = torch.tensor([lm.prefix_token_id, *lm.tok_encode(text)])
+    result = run_eval(lm.model, stream, EvalConfig(modes=("hmt",)))["hmt"]
+    assert total == pytest.approx(-float(result.token_losses[result.token_mask].double().sum()), rel=1e-5)
+    context, ending = text[:3000], text[3000:3200]
+    shuffled = " ".join(sorted(ending.split()))
+    args = [(context, ending), (context, shuffled)]
+    (true, _), (false, _) = lm.loglikelihood(
+        [Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)]
+    )
+    assert true > false

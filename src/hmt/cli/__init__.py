@@ -12,6 +12,7 @@ import typer
 
 from hmt.cli.bench import bench_command
 from hmt.cli.eval import eval_command
+from hmt.cli.harness import lm_eval_command
 from hmt.cli.inspect import inspect_command, version_command
 from hmt.cli.needle import needle_command
 from hmt.cli.serve import serve_command
@@ -36,6 +37,11 @@ app.command("chat")(chat_command)
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)
 app.command("bench")(bench_command)
+app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)(lm_eval_command)
 app.command("inspect")(inspect_command)
 app.command("version")(version_command)
 
