@@ -15,7 +15,7 @@ from lm_eval.api.instance import Instance
 
 from hmt import HMTConfig, HMTForCausalLM
 from hmt.evaluate import EvalConfig, run_eval
-from hmt.harness import HMTLM
+from hmt.harness import HMTLM, write_document_task
 
 
 @pytest.fixture(scope="module")
@@ -150,25 +150,9 @@ def fresh_lm_eval_logging():
 
 def write_local_tasks(folder, documents: list[str]) -> None:
     """A rolling-perplexity task, a multiple-choice task and a generation task over local JSON files."""
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     choices = [{"text": d[:60], "gold": 0, "choices": [" memory", " token"]} for d in documents]
     (folder / "choices.jsonl").write_text("".join(json.dumps(c) + "\n" for c in choices))
-    (folder / "local_rolling.yaml").write_text(
-        f"""task: local_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "docs.jsonl"}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
-    )
+    write_document_task(folder, "local_rolling", documents)
     (folder / "local_choice.yaml").write_text(
         f"""task: local_choice
 dataset_path: json
@@ -240,3 +224,19 @@ def test_hmt_lm_eval_errors_are_one_line(
     assert "error: the hmt model takes an integer --batch_size" in err and "Traceback" not in err
     code, _, err = run_cli(monkeypatch, capsys, *common, "--tasks", "no_such_task")
     assert code == 1 and "error: Tasks not found: no_such_task" in err and "Traceback" not in err
+
+
+def test_write_document_task_keeps_existing_files_and_checks_its_name(tmp_path):
+    task = write_document_task(tmp_path, "essays_test", ["one text", "  ", "another"])
+    lines = (tmp_path / "essays_test.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["one text", "another"]
+    assert "output_type: loglikelihood_rolling" in task.read_text()
+    with pytest.raises(FileExistsError, match=r"essays_test\.jsonl exists"):
+        write_document_task(tmp_path, "essays_test", ["new"])
+    assert len((tmp_path / "essays_test.jsonl").read_text().splitlines()) == 2
+    write_document_task(tmp_path, "essays_test", ["new"], overwrite=True)
+    assert len((tmp_path / "essays_test.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="identifier"):
+        write_document_task(tmp_path, "my-task", ["text"])
+    with pytest.raises(ValueError, match="empty"):
+        write_document_task(tmp_path, "blank", [" "])

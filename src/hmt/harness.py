@@ -261,6 +261,43 @@ class HMTLM(TemplateLM):
         return texts
 
 
+def write_document_task(folder: str | Path, name: str, texts: Sequence[str], overwrite: bool = False) -> Path:
+    """A local lm-eval task of rolling perplexity over `texts`: FOLDER/NAME.jsonl and FOLDER/NAME.yaml
+    (the YAML names the JSON file by absolute path; existing files are kept unless `overwrite`). Run it with `--include_path FOLDER --tasks NAME`;
+    lm-eval reports word and byte perplexity and bits per byte, each document read whole."""
+    if not name.isidentifier():
+        raise ValueError(f"task name must be a Python identifier (letters, digits, _), got {name!r}")
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError("no documents to write: every text is empty")
+    from hmt.io import write_text_atomic
+
+    folder = Path(folder).resolve()
+    data, task = folder / f"{name}.jsonl", folder / f"{name}.yaml"
+    for path in (data, task):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists: choose another folder or name, or overwrite")
+    write_text_atomic(data, "".join(json.dumps({"text": text}) + "\n" for text in texts))
+    write_text_atomic(
+        task,
+        f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    )
+    return task
+
+
 def _left_padded(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as one left-padded batch (pad id 0, masked) and its attention mask."""
     width = max(len(row) for row in rows)
