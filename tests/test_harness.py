@@ -198,8 +198,9 @@ def test_hmt_lm_eval_runs_local_tasks_offline(
     write_local_tasks(tasks, [word_text(i, 150) for i in range(3)])
     out = tmp_path / "results"
     model_args = f"backbone={tiny_model_dir},adapter=none,segment_length=16,num_sensory=4,dtype=fp32"
+    # no --device: lm-eval then asks for cuda:0, which without a GPU means the CPU (as its hf model does)
     code, stdout, err = run_cli(
-        monkeypatch, capsys, "lm-eval", "--model", "hmt", "--model_args", model_args, "--device", "cpu",
+        monkeypatch, capsys, "lm-eval", "--model", "hmt", "--model_args", model_args,
         "--tasks", "local_rolling,local_choice,local_generate", "--include_path", str(tasks),
         "--batch_size", "2", "--output_path", str(out),
     )  # fmt: skip

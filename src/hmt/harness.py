@@ -18,6 +18,7 @@ one call, which the continuation scoring and generation rely on.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ GENERATION_KEYS = frozenset(
      "repetition_penalty"}
 )  # fmt: skip
 DEFAULT_MAX_GEN_TOKS = 256
+LM_EVAL_DEFAULT_DEVICES = frozenset({"cuda", "cuda:0"})  # lm-eval's --device when none is given
 
 
 @register_model("hmt")
@@ -41,7 +43,8 @@ class HMTLM(TemplateLM):
     """An HMT model (backbone + adapter) for lm-eval. Model args: `backbone` (default SmolLM2-135M),
     `adapter` (a folder; default the shipped one; `none`: untrained memory), `segment_length`,
     `num_sensory`, `cache_size`, `mode` (hmt, rmt, memory_off, sliding, backbone), `dtype`, `seed`;
-    lm-eval's `--device` and `--batch_size` (an integer) are honoured."""
+    lm-eval's `--device` (without it, or with its default cuda:0 on a machine without CUDA: the CPU) and
+    `--batch_size` (an integer) are honoured."""
 
     def __init__(
         self,
@@ -83,6 +86,10 @@ class HMTLM(TemplateLM):
         from hmt.cli.eval import load_models, resolve_adapter
         from hmt.cli.options import given
 
+        if device in LM_EVAL_DEFAULT_DEVICES and not torch.cuda.is_available():
+            # lm-eval passes "cuda:0" when --device is not given; its own hf model then uses the CPU too.
+            logging.getLogger(__name__).warning("no CUDA GPU here: the hmt model runs on the CPU")
+            device = None
         resolve_device(device)
         quiet_transformers()
         if adapter == SHIPPED:
