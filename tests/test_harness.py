@@ -241,3 +241,10 @@ def test_write_document_task_keeps_existing_files_and_checks_its_name(tmp_path):
         write_document_task(tmp_path, "my-task", ["text"])
     with pytest.raises(ValueError, match="empty"):
         write_document_task(tmp_path, "blank", [" "])
+
+
+def test_registering_hmt_keeps_lm_evals_own_models():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("hmt") is HMTLM
+    assert get_model("dummy").__name__ == "DummyLM"  # `hmt lm-eval --model hf ...` still works

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an empty registry)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
