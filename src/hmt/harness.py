@@ -93,10 +93,7 @@ class HMTLM(TemplateLM):
             device = None
         resolve_device(device)
         quiet_transformers()
-        if adapter == SHIPPED:
-            folder = resolve_adapter(None, backbone)
-        else:
-            folder = resolve_adapter(Path(adapter) if adapter else Path("none"), backbone)
+        folder = resolve_adapter(None if adapter == SHIPPED else Path(adapter or "none"), backbone)
         reading = given(
             segment_length=_optional_int(segment_length, "segment_length"),
             num_sensory=_optional_int(num_sensory, "num_sensory"),
@@ -208,13 +205,13 @@ class HMTLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generation from each context, stopped at the task's `until` strings (cut off the answer)."""
-        by_settings: dict[str, list[int]] = defaultdict(list)
+        by_settings: dict[str, list[int]] = defaultdict(list)  # requests with the same settings batch
         for index, request in enumerate(requests):
             by_settings[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="hmt generate_until", disable=disable_tqdm)
-        for key, indices in by_settings.items():
-            settings, stops = self._generation_settings(json.loads(key))
+        for indices in by_settings.values():
+            settings, stops = self._generation_settings(requests[indices[0]].args[1])
             indices = sorted(indices, key=lambda i: len(requests[i].args[0]), reverse=True)
             for chunk in _chunks(indices, self.batch_size):
                 texts = self._generate([requests[i].args[0] for i in chunk], settings, stops)

@@ -20,5 +20,9 @@ def lm_eval_command(ctx: typer.Context) -> None:
         raise ImportError(
             f"hmt lm-eval needs lm-evaluation-harness: pip install 'hmt-lm[eval]' ({err})"
         ) from err
-    sys.argv = ["lm-eval", *ctx.args]
-    lm_eval_main.cli_evaluate()
+    argv = sys.argv
+    sys.argv = ["lm-eval", *ctx.args]  # lm-eval's parser reads sys.argv only
+    try:
+        lm_eval_main.cli_evaluate()
+    finally:
+        sys.argv = argv
