@@ -81,6 +81,27 @@ def test_padded_batch_split_anywhere_equals_each_text_alone(padding_side):
         torch.testing.assert_close(got.memories[0, valid], alone.state.memories[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["hmt", "rmt", "sliding", "backbone"])
+def test_reading_without_scoring_leaves_the_state_a_scoring_call_leaves(mode):
+    """score=False (the LM head on one position per row) reads a padded batch, split anywhere, into
+    exactly the state of scoring calls, the carried next-token prediction included."""
+    model = tiny_hmt("llama", mode=mode)
+    ids = random_ids(2, 37, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    bounds = [(0, 5), (5, 16), (16, 17), (17, 37)]
+    with torch.no_grad():
+        *_, scored = read_split(model, ids, bounds, mask)
+        state = None
+        for start, stop in bounds:
+            out = model(ids[:, start:stop], attention_mask=mask[:, start:stop], state=state, score=False)
+            state = out.state
+            assert out.loss is None and out.logits is None and not out.token_mask.any()
+    assert_same_state(state, scored)
+    with pytest.raises(ValueError, match="score=False"):
+        model(ids, score=False, return_logits=True)
+
+
 def test_a_short_segment_stays_pending_until_it_holds_l_tokens():
     model = tiny_hmt("llama")  # L = 8
     with torch.no_grad():

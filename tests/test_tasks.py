@@ -148,20 +148,21 @@ def test_memory_row_scores_the_answer_as_one_call_would(tasks, pair):
     event as the two-call scoring (the answer's segment starts after the question either way)."""
     model, _ = pair
     sample = make(tasks, "passkey", length=160)
-    exact, rank = score_memory_row(model, sample, "hmt")
+    exact, rank, predicted = score_memory_row(model, sample, "hmt")
     ids, _ = sample.sequence()
     with torch.no_grad():
         logits = model(ids[None], return_logits=True).logits[0]
     start = len(sample.context) + len(sample.prompt)
-    predicted = logits[start - 1 : start - 1 + len(sample.answer)].argmax(-1)
-    assert exact == bool((predicted == sample.answer).all())
+    first_choice = logits[start - 1 : start - 1 + len(sample.answer)].argmax(-1)
+    assert exact == bool((first_choice == sample.answer).all())
+    assert torch.equal(predicted, first_choice)
     assert 1 <= rank <= NUM_CANDIDATES
 
 
 def test_full_row_with_a_kv_cache_equals_one_pass_per_candidate(tasks, pair):
     _, backbone = pair
     sample = make(tasks, "needle", length=200)
-    exact, rank = score_full_row(backbone, sample, window=128)
+    exact, rank, predicted = score_full_row(backbone, sample, window=128)
     nll = []
     with torch.no_grad():
         for i, candidate in enumerate(sample.candidates):
@@ -170,6 +171,7 @@ def test_full_row_with_a_kv_cache_equals_one_pass_per_candidate(tasks, pair):
             nll.append(float(torch.nn.functional.cross_entropy(logits, candidate, reduction="sum")))
             if i == sample.answer_index:
                 assert exact == bool((logits.argmax(-1) == candidate).all())
+                assert torch.equal(predicted, logits.argmax(-1))
     truth = nll[sample.answer_index]
     assert rank == 1 + sum(v < truth - ATOL for v in nll)
 
@@ -184,6 +186,12 @@ def test_run_needle_fills_the_grid(tasks, pair):
         assert all(
             c["trials"] == 2 and 0 <= c["exact_match"] <= 1 and 1 <= c["mean_rank"] <= 10 for c in cells
         )
+        for cell in cells:  # every trial's answer, recorded alike in every row
+            assert [a["exact"] for a in cell["answers"]] == [
+                a["answer"] == a["expected"] for a in cell["answers"]
+            ]
+    truths = [[a["expected"] for c in cells for a in c["answers"]] for cells in report["rows"].values()]
+    assert all(t == truths[0] for t in truths) and all(len(t.strip()) == 5 for t in truths[0])
 
 
 def test_needle_command_writes_results_heatmaps_and_a_table(monkeypatch, capsys, tiny_model_dir, tmp_path):
@@ -194,8 +202,9 @@ def test_needle_command_writes_results_heatmaps_and_a_table(monkeypatch, capsys,
         "--split", "all", "--lengths", "128,192", "--depths", "0,100", "--trials", "1", "--segment-length", "16",
         "--num-sensory", "4", "--dtype", "fp32", "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
-    code, stdout, err = run_cli(monkeypatch, capsys, *args)
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--answers")
     assert code == 0, err
+    assert "what each row answered" in stdout
     report = json.loads((out / "results.json").read_text())
     assert set(report["means"]) == {"full", "sliding", "rmt", "hmt"}
     for row in report["means"]:

@@ -239,7 +239,7 @@ def run_generation_bench(config: GenerationBenchConfig, progress: Progress | Non
         state, started = None, time.perf_counter()
         with torch.no_grad():
             for start in range(0, config.read_tokens, 4096):
-                state = model(stream[:, start : start + 4096], state=state, num_logits=0).state
+                state = model(stream[:, start : start + 4096], state=state, score=False).state
         seconds = time.perf_counter() - started
         report["read"] = {
             "tokens": config.read_tokens,

@@ -121,8 +121,8 @@ def generate(
             attention_mask=attention_mask,
             state=state,
             mode=mode,
-            num_logits=0,
             end_segment=end_segment,
+            score=False,
         ).state
         batch = input_ids.shape[0]
         history = input_ids.to(model.device)
@@ -145,7 +145,7 @@ def generate(
                     attention_mask=active[:, None].long(),
                     state=state,
                     mode=mode,
-                    num_logits=0,
+                    score=False,
                 ).state
                 cache = None
             else:

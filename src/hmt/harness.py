@@ -157,7 +157,7 @@ class HMTLM(TemplateLM):
         with torch.no_grad():
             for group in _chunks(contexts, self.batch_size):
                 ids, mask = _left_padded([list(c) for c in group], self.model.device)
-                state = self.model(ids, attention_mask=mask, mode=self.mode, num_logits=0).state
+                state = self.model(ids, attention_mask=mask, mode=self.mode, score=False).state
                 pairs = [(row, i) for row, context in enumerate(group) for i in asked[context]]
                 for chunk in _chunks(pairs, self.batch_size):
                     rows = [row for row, _ in chunk]

@@ -186,6 +186,7 @@ class HMTForCausalLM(nn.Module):
         bptt_depth: int | None = None,
         grad_segments: torch.Tensor | None = None,
         end_segment: bool = False,
+        score: bool = True,
     ) -> HMTOutput:
         """Read `input_ids` (batch, seq_len) of any length segment by segment.
 
@@ -197,6 +198,9 @@ class HMTForCausalLM(nn.Module):
         causal query; the paper's query reads a segment's first j tokens, so only splits at segment
         boundaries are exact with it). `end_segment=True` closes each row's last segment however short
         (e.g. a question read as its own segment, so that the answer's segment recalls with it).
+        `score=False` only reads (into memory, say): no token losses and no logits, only each row's
+        prediction for the token after its input (carried in the state), so the LM head runs on one position
+        per row rather than on every token; the returned state equals the scoring call's.
         `attention_mask` marks each row's tokens as one contiguous run (left or right padding).
         `mode` (default: the model's) is hmt, rmt, memory_off, sliding or backbone (see HMTConfig docs).
         Logits are returned for the last `num_logits` input positions (default: one segment's worth;
@@ -208,6 +212,8 @@ class HMTForCausalLM(nn.Module):
         """
         mode = check_mode(mode or self.mode)
         _check_positions(self.backbone, self.config, mode)
+        if not score and (labels is not None or return_logits or num_logits):
+            raise ValueError("score=False reads without scoring: pass no labels, return_logits or num_logits")
         if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 1):
             raise ValueError(f"bptt_depth must be a positive integer or None, got {bptt_depth!r}")
         packed = pack_inputs(input_ids, attention_mask, labels, self.vocab_size)
@@ -216,7 +222,8 @@ class HMTForCausalLM(nn.Module):
         packed = packed.after_pending(state.pending_ids, state.pending_mask)
         length = self.config.segment_length
         num_steps = math.ceil(int(packed.lengths.max()) / length)
-        scores = TokenScores(packed, state, _logits_kept(seq_len, length, return_logits, num_logits), seq_len)
+        kept = _logits_kept(seq_len, length, return_logits, num_logits) if score else 0
+        scores = TokenScores(packed, state, kept, seq_len, score)
         recorded = _recorded_steps(grad_segments, batch, num_steps)
         queries = self._query(packed, state, num_steps, recorded) if mode == "hmt" else None
 
@@ -229,8 +236,9 @@ class HMTForCausalLM(nn.Module):
                 read, weights = self._recall(mode, state, queries[:, step] if queries is not None else None)
                 if weights is not None:
                     recall_weights.append(weights)
-                logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone")
-                scores.add_segment(start, seg_lengths, logits)
+                ending = None if score else start + seg_lengths == packed.lengths
+                logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone", ending)
+                scores.add_segment(start, seg_lengths, logits, ending)
                 memory = self.memory.to_memory(written) if mode in WRITING_MODES else None
             closed = (seg_lengths == length) | (
                 end_segment & (seg_lengths > 0) & (start + seg_lengths == packed.lengths)
@@ -341,12 +349,14 @@ class HMTForCausalLM(nn.Module):
         state: MemoryState,
         read: torch.Tensor | None,
         use_sensory: bool,
+        ending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(3) One backbone call over the active rows: [sink | P | sensory | segment | P] (memory modes),
         [sensory | segment] (sliding) or the segment alone (backbone); P is r embeddings.
 
         Returns the logits at every segment position of the active rows, flattened row by row
-        (sum(seg_lengths), vocab), and the states at the r write slots (batch, r, output_dim), zeros for
+        (sum(seg_lengths), vocab) — or, given `ending` (batch,) bool, only at the last position of the
+        active rows marked in it — and the states at the r write slots (batch, r, output_dim), zeros for
         inactive rows (None without memory).
         """
         dtype = self.backbone.get_input_embeddings().weight.dtype
@@ -363,9 +373,11 @@ class HMTForCausalLM(nn.Module):
         lengths = torch.tensor([len(s) for s in sequences], device=seg_ids.device)
         starts = torch.tensor(text_starts, device=seg_ids.device)
         positions = torch.arange(int(lengths.max()), device=seg_ids.device)
-        keep = (positions[None, :] >= starts[:, None]) & (
-            positions[None, :] < (starts + seg_lengths[rows])[:, None]
-        )
+        ends = starts + seg_lengths[rows]
+        if ending is None:
+            keep = (positions[None, :] >= starts[:, None]) & (positions[None, :] < ends[:, None])
+        else:
+            keep = (positions[None, :] == ends[:, None] - 1) & ending[rows][:, None]
         if read is None:
             return self._backbone_logits(sequences, lengths, keep), None
         logits, states = self._backbone_logits(sequences, lengths, keep, self.write_layer)

@@ -2,8 +2,10 @@
 
 Each trial reads a held-out `RecallSample`'s context (haystack, facts, question), then the answer's segment
 once per candidate answer, and records greedy exact match (the argmax at every answer token is the true
-token: the same event as greedy decoding producing the answer) and the rank of the true answer among the
-candidates by total log-probability (1 = best; chance puts it first 1 time in `NUM_CANDIDATES`).
+token: the same event as greedy decoding producing the answer), the rank of the true answer among the
+candidates by total log-probability (1 = best; chance puts it first 1 time in `NUM_CANDIDATES`), and the
+model's first choice at every answer token (given the true tokens before it; equal to the greedy answer
+whenever it is exact), so a report can show what each row answered.
 
 Rows: `full`, the untouched backbone reading the whole context in one window (past its maximum context it
 reads the last `window` tokens, so facts further back are out of its sight); `sliding`, `rmt`, `hmt`: the
@@ -15,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,6 +67,15 @@ class NeedleConfig:
         return grid
 
 
+class TrialScore(NamedTuple):
+    """One trial of one row: exact match, rank of the truth among the candidates, and the first-choice
+    token at every answer position (given the true tokens before it)."""
+
+    exact: bool
+    rank: int
+    predicted: torch.Tensor
+
+
 @dataclass
 class Cell:
     """One (length, depth) cell of one row."""
@@ -73,7 +84,21 @@ class Cell:
     depth: float
     exact: list[bool] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
+    answers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+
+    def add(self, score: TrialScore, sample: RecallSample, tokenizer: Any) -> None:
+        self.exact.append(score.exact)
+        self.ranks.append(score.rank)
+        self.answers.append(
+            {
+                "expected": tokenizer.decode(sample.answer.tolist()),
+                "answer": tokenizer.decode(score.predicted.tolist()),
+                "exact": score.exact,
+                "rank": score.rank,
+                "fact_token": sample.asked_span[0],
+            }
+        )
 
     def summary(self) -> dict[str, Any]:
         n = len(self.exact)
@@ -85,23 +110,24 @@ class Cell:
             "top1": sum(r == 1 for r in self.ranks) / n,
             "mean_rank": sum(self.ranks) / n,
             "seconds_per_trial": self.seconds / n,
+            "answers": self.answers,
         }
 
 
-def score_memory_row(model: Any, sample: RecallSample, mode: str) -> tuple[bool, int]:
+def score_memory_row(model: Any, sample: RecallSample, mode: str) -> TrialScore:
     """Exact match and rank of the true answer for the HMT model read in `mode` (sliding, rmt, hmt):
     the context in one call (its last, short segment closes it), then the answer's segment once per
     candidate, each continuing a copy of the context's state."""
     device = model.device
     with torch.no_grad():
-        context = model(sample.context[None].to(device), mode=mode, num_logits=0, end_segment=True)
+        context = model(sample.context[None].to(device), mode=mode, end_segment=True, score=False)
         ids, labels, mask = _candidate_rows(sample, device)
         state = context.state.select([0] * ids.shape[0])
         out = model(ids, attention_mask=mask, labels=labels, state=state, mode=mode, return_logits=True)
     return _exact_and_rank(out.logits, out.token_losses, sample)
 
 
-def score_full_row(backbone: Any, sample: RecallSample, window: int) -> tuple[bool, int]:
+def score_full_row(backbone: Any, sample: RecallSample, window: int) -> TrialScore:
     """Exact match and rank for the plain backbone reading the last `window` tokens of context + prompt +
     answer: the context once (its KV cache), then every candidate continuing it."""
     device = next(backbone.parameters()).device
@@ -120,9 +146,9 @@ def score_full_row(backbone: Any, sample: RecallSample, window: int) -> tuple[bo
         logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
     truth = sample.answer_index
-    correct = logits[truth].argmax(-1) == ids[truth]
-    exact = bool(correct[mask[truth].bool()].all())
-    return exact, _rank(losses.sum(dim=1), truth)
+    predicted = logits[truth, : len(sample.answer)].argmax(-1)
+    exact = bool((predicted == ids[truth, : len(sample.answer)]).all())
+    return TrialScore(exact, _rank(losses.sum(dim=1), truth), predicted.cpu())
 
 
 def run_needle(
@@ -151,12 +177,11 @@ def run_needle(
             for sample in samples:
                 started = time.perf_counter()
                 if row == "full":
-                    exact, rank = score_full_row(backbone, sample, window)
+                    score = score_full_row(backbone, sample, window)
                 else:
-                    exact, rank = score_memory_row(model, sample, row)
+                    score = score_memory_row(model, sample, row)
                 cell.seconds += time.perf_counter() - started
-                cell.exact.append(exact)
-                cell.ranks.append(rank)
+                cell.add(score, sample, tasks.tokenizer)
                 done += 1
                 if progress is not None:
                     progress(row, done, total)
@@ -194,13 +219,13 @@ def _padded(rows: list[torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.
     return ids, labels, mask
 
 
-def _exact_and_rank(
-    logits: torch.Tensor, token_losses: torch.Tensor, sample: RecallSample
-) -> tuple[bool, int]:
+def _exact_and_rank(logits: torch.Tensor, token_losses: torch.Tensor, sample: RecallSample) -> TrialScore:
     truth = sample.answer_index
     start, answer = len(sample.prompt), sample.answer.to(logits.device)
     predicted = logits[truth, start - 1 : start - 1 + len(answer)].argmax(-1)
-    return bool((predicted == answer).all()), _rank(token_losses.sum(dim=1), truth)
+    return TrialScore(
+        bool((predicted == answer).all()), _rank(token_losses.sum(dim=1), truth), predicted.cpu()
+    )
 
 
 def _rank(nll: torch.Tensor, truth: int) -> int:

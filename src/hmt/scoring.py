@@ -19,7 +19,9 @@ class TokenScores:
     the input and is carried in the state to score the first token of the next call.
     """
 
-    def __init__(self, packed: PackedInputs, state: MemoryState, keep_logits: int, seq_len: int) -> None:
+    def __init__(
+        self, packed: PackedInputs, state: MemoryState, keep_logits: int, seq_len: int, score: bool = True
+    ) -> None:
         self.packed = packed
         self.keep_logits = keep_logits
         self.seq_len = seq_len
@@ -32,7 +34,7 @@ class TokenScores:
         # unfinished segment is read again first: its last token predicts it afresh).
         pending = packed.pending if packed.pending is not None else torch.zeros_like(packed.lengths)
         continuing = torch.nonzero((state.tokens > 0) & (packed.lengths > 0) & (pending == 0)).flatten()
-        if len(continuing):
+        if score and len(continuing):
             self._score(continuing, torch.zeros_like(continuing), state.next_token_logits[continuing])
 
     def _score(self, rows: torch.Tensor, target_positions: torch.Tensor, logits: torch.Tensor) -> None:
@@ -57,9 +59,17 @@ class TokenScores:
         self.positions.append(target_positions[scored])
         self.losses.append(losses[scored])
 
-    def add_segment(self, start: int, seg_lengths: torch.Tensor, logits: torch.Tensor) -> None:
-        """logits: (sum(seg_lengths), vocab) for the active rows' segment positions, row by row."""
+    def add_segment(
+        self, start: int, seg_lengths: torch.Tensor, logits: torch.Tensor, ending: torch.Tensor | None = None
+    ) -> None:
+        """logits: (sum(seg_lengths), vocab) for the active rows' segment positions, row by row; or, given
+        `ending` (rows whose input ends in this segment, read without scoring), each such row's last one."""
         active = torch.nonzero(seg_lengths > 0).flatten()
+        if ending is not None:
+            ended = active[ending[active]]
+            if len(ended):
+                self.next_logits.append((ended, logits))
+            return
         counts = seg_lengths[active]
         rows = torch.repeat_interleave(active, counts)
         offsets = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(

@@ -92,7 +92,7 @@ class Engine:
     def read(self, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
         with self.model_lock, torch.no_grad():
             for start in range(0, ids.numel(), 4096):
-                state = self.model(ids[None, start : start + 4096], state=state, num_logits=0).state
+                state = self.model(ids[None, start : start + 4096], state=state, score=False).state
         return state
 
     def generate(

@@ -62,6 +62,13 @@ def needle_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the samples (the same for every row).")] = 0,
+    answers: Annotated[
+        bool,
+        typer.Option(
+            help="Also print every trial: where the fact was, the true answer and what each row answered "
+            "(its first choice at each answer token)."
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Needle in a haystack: greedy exact match and rank among 10 candidates, per length x depth."""
@@ -120,6 +127,8 @@ def needle_command(
     )  # fmt: skip
     write_text_atomic(results_path, json.dumps(report, indent=2) + "\n")
     written = [results_path, *(plot_needle(report, row, out / f"needle_{row}.png") for row in config.rows)]
+    if answers:
+        console.print(answers_table(report))
     console.print(needle_table(report))
     if "full" in config.rows and longest > report["full_window"]:
         console.print(
@@ -147,4 +156,25 @@ def needle_table(report: dict[str, Any]) -> Table:
             values.append(f"{100 * exact:.0f} ({100 * top1:.0f})")
         seconds = sum(c["seconds_per_trial"] for c in cells) / len(cells)
         table.add_row(row, *values, f"{seconds:.1f}")
+    return table
+
+
+def answers_table(report: dict[str, Any]) -> Table:
+    """One line per trial: context length, the fact's position, the true answer, each row's answer."""
+    from rich.table import Table
+
+    table = Table(title="what each row answered (✓ exact)")
+    for name in ("tokens", "fact at token", "true answer"):
+        table.add_column(name, justify="right")
+    rows = list(report["rows"])
+    for row in rows:
+        table.add_column(row, justify="right")
+    first = report["rows"][rows[0]]
+    for index, cell in enumerate(first):
+        for trial, truth in enumerate(cell["answers"]):
+            given = [report["rows"][row][index]["answers"][trial] for row in rows]
+            table.add_row(
+                f"{cell['length']:,}", f"{truth['fact_token']:,}", truth["expected"].strip(),
+                *(f"{a['answer'].strip()!r} {'✓' if a['exact'] else '✗'}" for a in given),
+            )  # fmt: skip
     return table

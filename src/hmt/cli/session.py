@@ -187,7 +187,7 @@ def read_command(
         task = progress.add_task("read", total=ids.numel(), speed="")
         with torch.no_grad():
             for start in range(0, ids.numel(), chunk):
-                state = reader.model(ids[None, start : start + chunk], state=state, num_logits=0).state
+                state = reader.model(ids[None, start : start + chunk], state=state, score=False).state
                 done = min(start + chunk, ids.numel())
                 speed = f"{done / (time.perf_counter() - started):,.0f} tok/s"
                 progress.update(task, completed=done, speed=speed)
