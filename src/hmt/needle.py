@@ -172,6 +172,8 @@ def run_needle(
     for row in config.rows:
         cells = []
         done = 0
+        if progress is not None:
+            progress(row, 0, total)  # the row's clock starts now, not when its first trial is done
         for (length, depth), samples in grid.items():
             cell = Cell(length, depth)
             for sample in samples:
