@@ -175,6 +175,6 @@ def answers_table(report: dict[str, Any]) -> Table:
             given = [report["rows"][row][index]["answers"][trial] for row in rows]
             table.add_row(
                 f"{cell['length']:,}", f"{truth['fact_token']:,}", truth["expected"].strip(),
-                *(f"{a['answer'].strip()!r} {'✓' if a['exact'] else '✗'}" for a in given),
+                *(f"{a['answer'].strip() or a['answer']!r} {'✓' if a['exact'] else '✗'}" for a in given),
             )  # fmt: skip
     return table
