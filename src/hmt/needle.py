@@ -124,7 +124,9 @@ def score_memory_row(model: Any, sample: RecallSample, mode: str) -> TrialScore:
         ids, labels, mask = _candidate_rows(sample, device)
         state = context.state.select([0] * ids.shape[0])
         out = model(ids, attention_mask=mask, labels=labels, state=state, mode=mode, return_logits=True)
-    return _exact_and_rank(out.logits, out.token_losses, sample)
+    start = len(sample.prompt)  # the prompt's last position predicts the answer's first token
+    answer_logits = out.logits[sample.answer_index, start - 1 : start - 1 + len(sample.answer)]
+    return _trial_score(answer_logits, out.token_losses.sum(dim=1), sample)
 
 
 def score_full_row(backbone: Any, sample: RecallSample, window: int) -> TrialScore:
@@ -145,10 +147,7 @@ def score_full_row(backbone: Any, sample: RecallSample, window: int) -> TrialSco
     losses = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    truth = sample.answer_index
-    predicted = logits[truth, : len(sample.answer)].argmax(-1)
-    exact = bool((predicted == ids[truth, : len(sample.answer)]).all())
-    return TrialScore(exact, _rank(losses.sum(dim=1), truth), predicted.cpu())
+    return _trial_score(logits[sample.answer_index, : len(sample.answer)], losses.sum(dim=1), sample)
 
 
 def run_needle(
@@ -221,13 +220,12 @@ def _padded(rows: list[torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.
     return ids, labels, mask
 
 
-def _exact_and_rank(logits: torch.Tensor, token_losses: torch.Tensor, sample: RecallSample) -> TrialScore:
-    truth = sample.answer_index
-    start, answer = len(sample.prompt), sample.answer.to(logits.device)
-    predicted = logits[truth, start - 1 : start - 1 + len(answer)].argmax(-1)
-    return TrialScore(
-        bool((predicted == answer).all()), _rank(token_losses.sum(dim=1), truth), predicted.cpu()
-    )
+def _trial_score(answer_logits: torch.Tensor, nll: torch.Tensor, sample: RecallSample) -> TrialScore:
+    """answer_logits: (answer length, vocab), the true candidate's logits predicting each answer token;
+    nll: (candidates,) each candidate's total negative log-likelihood."""
+    predicted = answer_logits.argmax(-1)
+    exact = bool((predicted == sample.answer.to(predicted.device)).all())
+    return TrialScore(exact, _rank(nll, sample.answer_index), predicted.cpu())
 
 
 def _rank(nll: torch.Tensor, truth: int) -> int:
