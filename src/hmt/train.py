@@ -202,7 +202,9 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     set_trainable_memory(model, config.mode)
     if config.gradient_checkpointing:
-        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     optimizer = make_optimizer(model, config)
     model.train()
     wrapped, optimizer = accelerator.prepare(model, optimizer)
