@@ -171,6 +171,30 @@ def test_batched_queries_equal_one_query_pass_per_segment(arch, recall_query):
     torch.testing.assert_close(batched, one_by_one, atol=ATOL, rtol=0)
 
 
+def test_rows_reading_the_same_tokens_share_one_query_pass():
+    """Ten candidate answers after one context ask the same query: it runs once, and each row gets it."""
+    model = tiny_hmt("llama", segment_length=8, summary_length=3)
+    ids = torch.cat([random_ids(1, 20, seed=1).repeat(3, 1), random_ids(1, 20, seed=2)])
+    from hmt.inputs import pack_inputs
+
+    packed = pack_inputs(ids, None, None, model.vocab_size)
+    state = model.empty_state(4)
+    sequences_run = []
+    original = model._backbone_states
+    model._backbone_states = lambda seqs, lengths, layer: (
+        sequences_run.append(len(seqs)) or original(seqs, lengths, layer)
+    )
+    with torch.no_grad():
+        queries = model._query(packed, state, num_steps=3)
+    assert sum(sequences_run) == 2 * 2  # steps 1 and 2 (step 0 has nothing before it), two distinct texts
+    for row in (1, 2):
+        torch.testing.assert_close(queries[row], queries[0], atol=0, rtol=0)
+    del model._backbone_states
+    with torch.no_grad():
+        alone = model._query(pack_inputs(ids[3:], None, None, model.vocab_size), model.empty_state(1), 3)
+    torch.testing.assert_close(queries[3], alone[0], atol=ATOL, rtol=0)
+
+
 def test_an_adapter_remembers_its_query_and_can_be_read_with_the_other(tmp_path):
     model = tiny_hmt("llama", recall_query="paper")
     ids = random_ids(1, 40)

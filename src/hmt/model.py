@@ -313,19 +313,31 @@ class HMTForCausalLM(nn.Module):
                 if len(tokens):
                     jobs.append((row, step, tokens))
         recorded = recorded or [torch.is_grad_enabled()] * num_steps
-        jobs.sort(key=lambda job: not recorded[job[1]])  # recorded first, so chunks rarely mix the two
         queries = prompt.new_zeros(batch, num_steps, self.memory.query_proj.in_features, dtype=torch.float32)
         if not jobs:
             return queries
+        # Rows that read the same tokens (candidate answers after one context, a shared prompt) share one
+        # query: each distinct (tokens, recorded) is run once.
+        distinct: dict[tuple, int] = {}
+        which = [
+            distinct.setdefault((recorded[step], *tokens.tolist()), len(distinct)) for _, step, tokens in jobs
+        ]
+        unique = [None] * len(distinct)
+        for (_, step, tokens), index in zip(jobs, which, strict=True):
+            unique[index] = (step, tokens)
+        order = sorted(range(len(unique)), key=lambda i: not recorded[unique[i][0]])  # recorded first
         outputs = []
-        for first in range(0, len(jobs), self.query_batch_size):
-            chunk = jobs[first : first + self.query_batch_size]
-            sequences = [torch.cat([prompt, embed(tokens), prompt]) for _, _, tokens in chunk]
-            lengths = torch.tensor([len(tokens) + 2 for _, _, tokens in chunk], device=prompt.device)
-            with torch.set_grad_enabled(any(recorded[step] for _, step, _ in chunk)):
+        for first in range(0, len(order), self.query_batch_size):
+            chunk = [unique[i] for i in order[first : first + self.query_batch_size]]
+            sequences = [torch.cat([prompt, embed(tokens), prompt]) for _, tokens in chunk]
+            lengths = torch.tensor([len(tokens) + 2 for _, tokens in chunk], device=prompt.device)
+            with torch.set_grad_enabled(any(recorded[step] for step, _ in chunk)):
                 final = self._backbone_states(sequences, lengths, -1)
             outputs.append(final[torch.arange(len(chunk), device=final.device), lengths - 1])
-        flat = torch.cat(outputs).float()  # (jobs, output_dim)
+        computed = torch.cat(outputs).float()  # (distinct queries, output_dim), in `order`
+        position = torch.empty(len(order), dtype=torch.long)
+        position[torch.tensor(order)] = torch.arange(len(order))
+        flat = computed[position[torch.tensor(which)].to(computed.device)]  # (jobs, output_dim)
         rows = torch.tensor([row for row, _, _ in jobs], device=flat.device)
         steps = torch.tensor([step for _, step, _ in jobs], device=flat.device)
         return queries.index_put((rows, steps), flat)

@@ -118,12 +118,21 @@ def score_memory_row(model: Any, sample: RecallSample, mode: str) -> TrialScore:
     """Exact match and rank of the true answer for the HMT model read in `mode` (sliding, rmt, hmt):
     the context in one call (its last, short segment closes it), then the answer's segment once per
     candidate, each continuing a copy of the context's state."""
-    device = model.device
+    return score_answer(model, sample, read_context(model, sample, mode), mode)
+
+
+def read_context(model: Any, sample: RecallSample, mode: str) -> Any:
+    """The `MemoryState` after reading a sample's context in `mode` (its last segment closed)."""
     with torch.no_grad():
-        context = model(sample.context[None].to(device), mode=mode, end_segment=True, score=False)
-        ids, labels, mask = _candidate_rows(sample, device)
-        state = context.state.select([0] * ids.shape[0])
-        out = model(ids, attention_mask=mask, labels=labels, state=state, mode=mode, return_logits=True)
+        return model(sample.context[None].to(model.device), mode=mode, end_segment=True, score=False).state
+
+
+def score_answer(model: Any, sample: RecallSample, state: Any, mode: str) -> TrialScore:
+    """Score every candidate answer's segment from `state` (a context read by `read_context`), batched."""
+    with torch.no_grad():
+        ids, labels, mask = _candidate_rows(sample, model.device)
+        rows = state.select([0] * ids.shape[0])
+        out = model(ids, attention_mask=mask, labels=labels, state=rows, mode=mode, return_logits=True)
     start = len(sample.prompt)  # the prompt's last position predicts the answer's first token
     answer_logits = out.logits[sample.answer_index, start - 1 : start - 1 + len(sample.answer)]
     return _trial_score(answer_logits, out.token_losses.sum(dim=1), sample)
