@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,15 +95,12 @@ def flush_denormals() -> None:
 def quiet_transformers() -> None:
     """Silence transformers' per-load progress bars and info logs (hmt's commands show their own) and
     flush subnormal floats (see `flush_denormals`): call before a command loads a model."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     flush_denormals()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    # peft still asks for the renamed `is_gradient_checkpointing`; the notice is not the user's to act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_NOTICE, category=FutureWarning)
 
 
 def default_cache_dir() -> Path:
@@ -293,6 +291,18 @@ def _require_gguf_package() -> None:
 # ---- which weights train ------------------------------------------------------------------------
 
 
+# peft 0.21 still asks transformers 5.x for the renamed `is_gradient_checkpointing`; the FutureWarning
+# that raises is not the user's to act on.
+PEFT_NOTICE = ".*is_gradient_checkpointing.*"
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_NOTICE, category=FutureWarning)
+        yield
+
+
 def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
@@ -323,7 +333,8 @@ def prepare_backbone(
         raise ImportError("LoRA needs the peft package: pip install peft==0.21.2") from err
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_targets, lora_dropout=0.0)
     try:
-        return get_peft_model(backbone, config)
+        with _peft_quietly():
+            return get_peft_model(backbone, config)
     except ValueError as err:
         raise ValueError(
             f"cannot add LoRA to this backbone ({err}); name the modules with --lora-targets"
@@ -369,7 +380,8 @@ def attach_lora(backbone: Any, directory: Path, trainable: bool, in_place: bool 
     if not trainable and not in_place:
         backbone = copy.deepcopy(backbone)
     try:
-        model = PeftModel.from_pretrained(backbone, str(directory), is_trainable=trainable)
+        with _peft_quietly():
+            model = PeftModel.from_pretrained(backbone, str(directory), is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise ValueError(
             f"the LoRA weights in {directory} cannot be read or do not fit this backbone "
