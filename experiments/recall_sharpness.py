@@ -46,9 +46,9 @@ def answer_recall(model: HMTForCausalLM, variant: str, fact_slot: int, seen: lis
     original = memory.recall
     scale = {"x2": 2.0, "x4": 4.0}.get(variant)
 
-    def recall(query, memories, mask):
+    def recall(query, memories, mask, sharpen_after=None):
         if variant == "adapter":
-            recalled, weights = original(query, memories, mask)
+            recalled, weights = original(query, memories, mask, sharpen_after)
             seen.append(weights.detach())
             return recalled, weights
         if scale is not None:

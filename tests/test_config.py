@@ -62,6 +62,8 @@ def test_unknown_keys_from_a_newer_version_warn_not_fail():
         ({"recall_temperature": 0}, r"recall_temperature must be a number in \(0, 100\]"),
         ({"recall_temperature": 101.0}, "recall_temperature must be a number"),
         ({"recall_temperature": "5"}, "recall_temperature must be a number"),
+        ({"sharpen_recall_after": 1}, "sharpen_recall_after must be >= 2"),
+        ({"sharpen_recall_after": True}, "sharpen_recall_after must be an integer"),
         ({"segment_length": 12.5}, "segment_length must be an integer"),
         ({"cache_size": True}, "cache_size must be an integer"),
     ],

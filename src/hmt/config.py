@@ -34,6 +34,7 @@ READING_FIELDS: tuple[str, ...] = (
     "summary_length",
     "cache_size",
     "recall_query",
+    "sharpen_recall_after",
 )
 # Settings an adapter saved without them may be given: they add parameters, which start fresh.
 GAINED_FIELDS: tuple[str, ...] = ("recall_temperature",)
@@ -121,6 +122,15 @@ class HMTConfig:
             "current temperature t' (kept <= 100) and recall stays soft until training sharpens it."
         },
     )
+    sharpen_recall_after: int | None = field(
+        default=None,
+        metadata={
+            "help": "n0 >= 2: with n > n0 memories cached, recall's scores are multiplied by ln(n) / ln(n0) "
+            "(scalable softmax), so the share of weight a well-matched memory gets does not fade as the "
+            "cache fills with competitors; up to n0 memories recall is unchanged. Set it to about the "
+            "number of memories recalled over in training. None: scores as trained (the paper)."
+        },
+    )
     attention_sink: bool = field(
         default=True,
         metadata={
@@ -173,6 +183,8 @@ class HMTConfig:
                 f"recall_temperature must be a number in (0, {MAX_RECALL_TEMPERATURE:g}] or null, got "
                 f"{self.recall_temperature!r}"
             )
+        if self.sharpen_recall_after is not None:
+            _require_int("sharpen_recall_after", self.sharpen_recall_after, minimum=2)
         _require_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
         _require_choice("recall_init", self.recall_init, RECALL_INITS)
         _require_choice("recall_query", self.recall_query, RECALL_QUERIES)

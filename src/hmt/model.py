@@ -155,7 +155,7 @@ class HMTForCausalLM(nn.Module):
 
     @contextmanager
     def reading(self, **changes: int | None) -> Iterator[HMTForCausalLM]:
-        """Read with other segment_length, num_sensory, summary_length or cache_size inside the block;
+        """Read with other reading settings (READING_FIELDS: segment_length, num_sensory, cache_size, ...) inside the block;
         the config is restored after it. Settings tied to the parameters cannot change this way."""
         tied = sorted(set(changes) - set(READING_FIELDS))
         if tied:
@@ -352,7 +352,7 @@ class HMTForCausalLM(nn.Module):
             return self.memory.initial_memory.expand(state.batch_size, -1), None
         if mode == "rmt":
             return self.memory.last_memory(state.memories, state.memory_mask), None
-        return self.memory.recall(query, state.memories, state.memory_mask)
+        return self.memory.recall(query, state.memories, state.memory_mask, self.config.sharpen_recall_after)
 
     def _augment(
         self,
@@ -574,7 +574,7 @@ class HMTForCausalLM(nn.Module):
         plain backbone; `merge_lora=True` merges them into `backbone` itself (no copy: the caller's model
         changes), `trainable_lora=True` attaches them as trainable peft adapters (for training). An
         adapter trained with the whole backbone fine-tuned must be given that backbone (its `backbone/`
-        folder). `settings` may override segment_length, num_sensory, summary_length or cache_size; other
+        folder). `settings` may override the reading settings (READING_FIELDS, e.g. cache_size); other
         HMTConfig fields may be given only with the adapter's own values (they are tied to its weights).
         """
         directory = Path(directory)

@@ -98,14 +98,21 @@ class MemoryParameters(nn.Module):
         query: torch.Tensor,
         memories: torch.Tensor,
         memory_mask: torch.Tensor,
+        sharpen_after: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft attention of each row's query over its cached memories.
 
         query: (batch, output_dim); memories: (batch, slots, r * d); memory_mask: (batch, slots) bool.
-        Returns the recalled memory (batch, r * d), equal to m0 for rows with an empty cache, and the
-        recall weights (batch, slots), a distribution over the valid slots (zeros for empty rows).
+        `sharpen_after` n0: a row with n > n0 memories has its scores multiplied by ln(n) / ln(n0)
+        (HMTConfig.sharpen_recall_after). Returns the recalled memory (batch, r * d), equal to m0 for rows
+        with an empty cache, and the recall weights (batch, slots), a distribution over the valid slots
+        (zeros for empty rows).
         """
-        scores = self.scores(query, memories).masked_fill(~memory_mask, float("-inf"))
+        scores = self.scores(query, memories)
+        if sharpen_after is not None:
+            cached = memory_mask.sum(dim=1, keepdim=True).clamp_min(1).to(scores.dtype)
+            scores = scores * (cached.log() / math.log(sharpen_after)).clamp_min(1.0)
+        scores = scores.masked_fill(~memory_mask, float("-inf"))
         has_memory = memory_mask.any(dim=1, keepdim=True)  # (batch, 1)
         # Rows without memories would softmax over nothing (NaN); give them a harmless zero score row.
         weights = torch.softmax(torch.where(has_memory, scores, torch.zeros_like(scores)), dim=-1)

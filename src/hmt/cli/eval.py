@@ -20,6 +20,7 @@ from hmt.cli.options import (
     OverwriteOpt,
     RecallQueryOpt,
     SegmentLengthOpt,
+    SharpenRecallOpt,
     SplitOpt,
     SummaryLengthOpt,
     given,
@@ -36,6 +37,7 @@ def eval_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
+    sharpen_recall_after: SharpenRecallOpt = None,
     summary_length: SummaryLengthOpt = None,
     recall_query: RecallQueryOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Read the first this many tokens of the text.")] = 16384,
@@ -96,6 +98,7 @@ def eval_command(
     results_path = check_output(out, RESULTS_NAME, overwrite)  # before anything long
     reading = given(
         segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
+        sharpen_recall_after=sharpen_recall_after,
         summary_length=summary_length, recall_query=recall_query,
     )  # fmt: skip
 

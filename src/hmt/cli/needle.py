@@ -21,6 +21,7 @@ from hmt.cli.options import (
     NumSensoryOpt,
     OverwriteOpt,
     SegmentLengthOpt,
+    SharpenRecallOpt,
     given,
     split_ints,
     split_list,
@@ -56,6 +57,7 @@ def needle_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
+    sharpen_recall_after: SharpenRecallOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Folder for results.json and heatmaps; default runs/needle-<time>.")
     ] = None,
@@ -102,6 +104,7 @@ def needle_command(
         # Always the causal query: the paper's would put each candidate answer in its own recall query.
         reading = given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
+            sharpen_recall_after=sharpen_recall_after,
             recall_query="causal",
         )  # fmt: skip
         model, _, plain, labels = load_models(backbone, adapter, reading, dtype, device, seed, False)

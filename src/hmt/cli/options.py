@@ -76,6 +76,9 @@ AdapterOpt = Annotated[
 SegmentLengthOpt = Annotated[int | None, typer.Option(help=config_help("segment_length") + " Default: 512.")]
 NumSensoryOpt = Annotated[int | None, typer.Option(help=config_help("num_sensory") + " Default: 32.")]
 CacheSizeOpt = Annotated[int | None, typer.Option(help=config_help("cache_size") + " Default: 300.")]
+SharpenRecallOpt = Annotated[
+    int | None, typer.Option(help=config_help("sharpen_recall_after") + " Default: the adapter's, else None.")
+]
 SummaryLengthOpt = Annotated[int | None, typer.Option(help=config_help("summary_length"))]
 RecallQueryOpt = Annotated[
     str | None, typer.Option(help=config_help("recall_query") + " Default: the adapter's, else causal.")

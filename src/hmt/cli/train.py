@@ -17,6 +17,7 @@ from hmt.cli.options import (
     NumSensoryOpt,
     RecallQueryOpt,
     SegmentLengthOpt,
+    SharpenRecallOpt,
     SummaryLengthOpt,
     config_help,
     given,
@@ -60,6 +61,7 @@ def train_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
+    sharpen_recall_after: SharpenRecallOpt = None,
     summary_length: SummaryLengthOpt = None,
     recall_query: RecallQueryOpt = None,
     memory_tokens: MemoryTokensOpt = None,
@@ -166,6 +168,7 @@ def train_command(
         answer_in_memory=answer_in_memory, recall_loss=recall_loss, max_depth=max_depth,
         model=given(
             segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
+            sharpen_recall_after=sharpen_recall_after,
             summary_length=summary_length, recall_query=recall_query, memory_tokens=memory_tokens, memory_layer=memory_layer,
             recall_temperature=recall_temperature, memory_norm=memory_norm, attention_sink=attention_sink,
         ),
