@@ -38,9 +38,9 @@ def collect(model: HMTForCausalLM, tasks: RecallTasks, count: int, segments: int
     recorded: list[tuple] = []
     original = model.memory.recall
 
-    def spy(query, memories, mask):
+    def spy(query, memories, mask, *rest):
         recorded.append((query.detach(), memories.detach(), mask.detach()))
-        return original(query, memories, mask)
+        return original(query, memories, mask, *rest)
 
     model.memory.recall = spy
     queries, memories, facts, answers = [], [], [], []
