@@ -3,8 +3,10 @@
 For each needle sample (the `hmt needle` grid: same seeds, same samples) the context is read once; then the
 answer's segment is scored several ways from that one state, changing only the answer's own recall:
 
-- `adapter`: the adapter as it is (equal to `hmt needle`'s hmt row);
-- `x2`, `x4`: recall scores times 2 or 4 (a sharper softmax over the same ranking);
+- `adapter`: the adapter as configured, its `sharpen_recall_after` included (equal to `hmt needle`'s hmt row;
+  `--sharpen-recall-after 1000` reads as trained);
+- `x2`, `x4`: the trained recall scores times 2 or 4, not sharpened further (a sharper softmax over the same
+  ranking);
 - `top1`: all weight on the slot the adapter ranks first;
 - `oracle`: all weight on the fact's own memory (the segment holding the fact's end). Exact here but
   not under `adapter` means the memory holds the answer and recall blurs it; wrong here means the write
@@ -132,12 +134,17 @@ def main(
     trials: Annotated[int, typer.Option()] = 4,
     seed: Annotated[int, typer.Option(help="As `hmt needle --seed`: the same samples.")] = 0,
     threads: Annotated[int, typer.Option()] = 2,
+    sharpen_recall_after: Annotated[
+        int | None, typer.Option(help="As `hmt needle`; default: the adapter's. 1000: recall as trained.")
+    ] = None,
 ) -> None:
     torch.set_num_threads(threads)
     flush_denormals()
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_backbone(backbone)
-    model = HMTForCausalLM.from_pretrained(adapter or shipped_adapter(), loaded.model).eval()
+    model = HMTForCausalLM.from_pretrained(
+        adapter or shipped_adapter(), loaded.model, sharpen_recall_after=sharpen_recall_after
+    ).eval()
     config = NeedleConfig(
         task=task,
         lengths=tuple(int(x) for x in lengths.split(",")),
@@ -163,7 +170,12 @@ def main(
             f" | {(time.time() - started) / len(samples):.0f}s/trial",
             flush=True,
         )
-        (out / "results.json").write_text(json.dumps({"config": asdict(config), "cells": cells}, indent=2))
+        record = {
+            "config": asdict(config),
+            "sharpen_recall_after": model.config.sharpen_recall_after,
+            "cells": cells,
+        }
+        (out / "results.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

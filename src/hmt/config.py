@@ -128,7 +128,8 @@ class HMTConfig:
             "help": "n0 >= 2: with n > n0 memories cached, recall's scores are multiplied by ln(n) / ln(n0) "
             "(scalable softmax), so the share of weight a well-matched memory gets does not fade as the "
             "cache fills with competitors; up to n0 memories recall is unchanged. Set it to about the "
-            "number of memories recalled over in training. None: scores as trained (the paper)."
+            "number of memories recalled over in training; a value >= cache_size never sharpens. "
+            "None: scores as trained (the paper)."
         },
     )
     attention_sink: bool = field(
