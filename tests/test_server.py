@@ -158,6 +158,31 @@ def test_openai_client_completions_and_chat_streamed_or_not(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_chat_and_session_asks_answer_through_the_ask_path(server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from hmt.ask import ask_turn, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # no chat template: plain Question turns
+
+    def turn_tokens(messages) -> int:
+        return encode(tokenizer, ask_turn(tokenizer, messages).text).numel()
+
+    messages = [{"role": "user", "content": "what does memory recall?"}]
+    status, reply = call(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 6})
+    assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] == turn_tokens(messages)
+    assert "\nQuestion:" not in reply["choices"][0]["message"]["content"]
+    assert (
+        call(server, "POST", "/v1/sessions/gamma/read", {"text": "the model reads a context " * 5})[0] == 200
+    )
+    status, asked = call(
+        server, "POST", "/v1/sessions/gamma/ask", {"question": "what reads?", "max_tokens": 4}
+    )
+    assert status == 200, asked
+    assert asked["usage"]["prompt_tokens"] == turn_tokens("what reads?")
+
+
 def test_stop_strings_end_the_text(server):
     from openai import OpenAI
 
@@ -205,8 +230,13 @@ def test_sessions_read_ask_keep_delete_and_stay_apart(server):
         "messages": [{"role": "user", "content": "and then?"}], "session": "alpha", "keep": True, "max_tokens": 3,
     })  # fmt: skip
     assert status == 200, chat
-    grown = call(server, "POST", "/v1/sessions/alpha/read", {"text": " end"})[1]["tokens"]
-    assert grown > tokens + chat["usage"]["prompt_tokens"]  # the kept exchange is in the memory
+    grown = call(server, "POST", "/v1/sessions/alpha/read", {"text": " end"})[1]
+    # the kept exchange is in the memory: the turn read twice (the ask path), then the answer
+    usage = chat["usage"]
+    assert (
+        grown["tokens"]
+        == tokens + 2 * usage["prompt_tokens"] + usage["completion_tokens"] + grown["tokens_read"]
+    )
     assert call(server, "DELETE", "/v1/sessions/beta")[0] == 200
     assert call(server, "POST", "/v1/sessions/beta/ask", {"question": "?"})[0] == 404
 

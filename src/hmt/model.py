@@ -51,6 +51,7 @@ from hmt.scoring import TokenScores
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
+    from hmt.ask import AskAnswer
     from hmt.generation import GenerationOutput
 
 __all__ = ["IGNORE_INDEX", "HMTForCausalLM", "HMTOutput"]
@@ -280,6 +281,24 @@ class HMTForCausalLM(nn.Module):
         from hmt.generation import generate
 
         return generate(self, input_ids, attention_mask, state, generation_config, **kwargs)
+
+    def ask(
+        self,
+        tokenizer: Any,
+        messages: str | list[dict[str, str]],
+        state: MemoryState | None = None,
+        **generation: Any,
+    ) -> AskAnswer:
+        """Answer a question (or chat messages with roles) from the memory in `state` (None: empty).
+
+        The ask path of `hmt ask`, `hmt chat` and the server (`hmt.ask.ask`): the turn (the tokenizer's chat
+        template, else plain `Question: ... Answer:`) is read as its own segment, then again opening the
+        answer's segment, and the answer generated. `generation`: as `generate` (max_new_tokens,
+        do_sample, ..., streamer, stop_strings). Returns the answer's text, its ids and the state after it.
+        """
+        from hmt.ask import ask
+
+        return ask(self, tokenizer, messages, state, **generation)
 
     # ---- the four steps -------------------------------------------------------------------------
 

@@ -3,9 +3,11 @@
 Endpoints: GET /v1/models; POST /v1/completions and /v1/chat/completions (streamed over server-sent
 events or not; an extra body field `session` continues a saved memory, `keep` saves the exchange into
 it); GET /v1/sessions; POST /v1/sessions/{name}/read (a document into a memory) and
-/v1/sessions/{name}/ask; DELETE /v1/sessions/{name}. Errors are OpenAI-style JSON with a 4xx status,
-never a traceback. One model call runs at a time (the others queue, off the event loop); requests to one
-session are serialised, so no request sees another's half-written memory.
+/v1/sessions/{name}/ask; DELETE /v1/sessions/{name}. Chat completions and session asks answer through
+the ask path (`hmt.ask.ask`: the turn read as its own segment, then again opening the answer's);
+completions continue the raw text. Errors are OpenAI-style JSON with a 4xx status, never a traceback.
+One model call runs at a time (the others queue, off the event loop); requests to one session are
+serialised, so no request sees another's half-written memory.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TextStreamer
 
+from hmt.ask import ask, ask_turn
 from hmt.memory import MemoryState
 from hmt.sessions import SessionInfo, SessionStore, check_name
-
-CHAT_FALLBACK = "{role}: {content}\n"  # turns of a tokenizer without a chat template
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,6 @@ class Engine:
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
 
-    def chat_text(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(CHAT_FALLBACK.format(**m) for m in messages) + "assistant:"
-
     def load_session(self, name: str | None) -> tuple[MemoryState | None, SessionInfo | None]:
         if name is None:
             return None, None
@@ -99,13 +95,31 @@ class Engine:
         self, ids: torch.Tensor, state: MemoryState | None, settings: dict, stops: list[str],
         on_text: Callable[[str], None] | None = None,
     ) -> tuple[str, Any, str]:  # fmt: skip
-        """Generate after `ids`: (text cut at the first stop, the output, finish reason)."""
+        """Continue the raw text `ids`: (text cut at the first stop, the output, finish reason)."""
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
         with self.model_lock:
             out = self.model.generate(
                 ids[None], state=state, tokenizer=self.tokenizer, stop_strings=stops or None,
                 streamer=streamer, **settings,
             )  # fmt: skip
+        return self._finish(out, settings, stops)
+
+    def ask(
+        self, messages: list[dict[str, str]], state: MemoryState | None, settings: dict, stops: list[str],
+        on_text: Callable[[str], None] | None = None,
+    ) -> tuple[str, Any, str]:  # fmt: skip
+        """Answer `messages` through the ask path (`hmt.ask.ask`); `stops` add to the turn's own.
+        (text cut at the first stop, the output, finish reason)."""
+        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
+        turn_stops = list(ask_turn(self.tokenizer, messages).stops)
+        with self.model_lock:
+            answer = ask(
+                self.model, self.tokenizer, messages, state, streamer=streamer, stop_strings=stops, **settings
+            )
+        return self._finish(answer.output, settings, [*turn_stops, *stops])
+
+    def _finish(self, out: Any, settings: dict, stops: list[str]) -> tuple[str, Any, str]:
+        """The text of `out` cut at the first stop (not stripped: what was streamed), and why it ended."""
         text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
         stopped = len(out.sequences[0]) < settings["max_new_tokens"]
         for stop in stops:
@@ -231,12 +245,12 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        return await _complete(engine, limits, body, body.prompt, "text_completion")
+        return await _complete(engine, limits, body, "text_completion", prompt=body.prompt)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        text = engine.chat_text([m.model_dump() for m in body.messages])
-        return await _complete(engine, limits, body, text, "chat.completion")
+        messages = [m.model_dump() for m in body.messages]
+        return await _complete(engine, limits, body, "chat.completion", messages=messages)
 
     @app.get("/v1/sessions")
     async def sessions():
@@ -266,10 +280,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         _check_session_name(name)
         if not body.question.strip():
             raise APIError(400, "question is empty")
-        request = ChatBody(messages=[ChatMessage(role="user", content=body.question)], session=name,
-                           keep=body.keep, max_tokens=body.max_tokens, temperature=body.temperature)  # fmt: skip
-        reply = await _complete(engine, limits, request, engine.chat_text([{"role": "user", "content": body.question}]),
-                                "chat.completion")  # fmt: skip
+        messages = [{"role": "user", "content": body.question}]
+        request = ChatBody(messages=[ChatMessage(**m) for m in messages], session=name, keep=body.keep,
+                           max_tokens=body.max_tokens, temperature=body.temperature)  # fmt: skip
+        reply = await _complete(engine, limits, request, "chat.completion", messages=messages)
         return {"session": name, "answer": reply["choices"][0]["message"]["content"], "usage": reply["usage"]}
 
     @app.delete("/v1/sessions/{name}")
@@ -285,8 +299,12 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
     return app
 
 
-async def _complete(engine: Engine, limits: ServerLimits, body: SamplingBody, text: str, kind: str):
-    """A completion or chat completion, streamed or whole, continuing body.session if given."""
+async def _complete(
+    engine: Engine, limits: ServerLimits, body: SamplingBody, kind: str, *, prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+):  # fmt: skip
+    """A completion of the raw text `prompt`, or an answer to chat `messages` through the ask path, streamed
+    or whole, continuing body.session if given."""
     if body.model is not None and body.model != engine.name:
         raise APIError(
             404, f"no model {body.model!r}: this server serves {engine.name!r}", code="model_not_found"
@@ -298,7 +316,14 @@ async def _complete(engine: Engine, limits: ServerLimits, body: SamplingBody, te
     new = body.max_completion_tokens or body.max_tokens or 16
     if new > limits.max_new_tokens:
         raise APIError(400, f"max_tokens {new} is over this server's limit of {limits.max_new_tokens}")
-    ids = engine.encode(text)
+    turn_stops: list[str] = []
+    if messages is not None:  # the ask path: the chat turn (read twice), its own stop strings
+        try:
+            turn = ask_turn(engine.tokenizer, messages)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        prompt, turn_stops = turn.text, list(turn.stops)
+    ids = engine.encode(prompt or "")
     if ids.numel() == 0:
         raise APIError(400, "the prompt is empty")
     _check_input(ids, limits)
@@ -316,7 +341,11 @@ async def _complete(engine: Engine, limits: ServerLimits, body: SamplingBody, te
         if body.seed is not None:
             torch.manual_seed(body.seed)
         state, info = engine.load_session(body.session)
-        text_out, out, finish = await asyncio.to_thread(engine.generate, ids, state, settings, stops, on_text)
+        if messages is not None:
+            answer = await asyncio.to_thread(engine.ask, messages, state, settings, stops, on_text)
+        else:
+            answer = await asyncio.to_thread(engine.generate, ids, state, settings, stops, on_text)
+        text_out, out, finish = answer
         if body.keep:
             engine.store.save(body.session, out.state, info)
         usage = {"prompt_tokens": int(ids.numel()), "completion_tokens": int(out.sequences.shape[1]),
@@ -337,7 +366,7 @@ async def _complete(engine: Engine, limits: ServerLimits, body: SamplingBody, te
 
     if lock is not None and body.session is not None:
         engine.load_session(body.session)  # an unknown session is a 404 before the stream starts
-    return StreamingResponse(_stream(run, lock, kind, reply_id, created, engine.name, stops),
+    return StreamingResponse(_stream(run, lock, kind, reply_id, created, engine.name, [*turn_stops, *stops]),
                              media_type="text/event-stream")  # fmt: skip
 
 

@@ -19,11 +19,6 @@ from hmt.cli.options import (
 )
 
 SESSIONS_VARIABLE = "HMT_SESSIONS_DIR"
-# Without a chat template (base models): plain-text turns, ended by the next turn's label.
-ASK_TEMPLATE = "\n\nQuestion: {message}\nAnswer:"
-ASK_STOPS = ["\nQuestion:"]
-CHAT_TEMPLATE = "\nUser: {message}\nAssistant:"
-CHAT_STOPS = ["\nUser:"]
 
 SessionsDirOpt = Annotated[
     Path | None,
@@ -70,25 +65,15 @@ class Reader:
         self.tokenizer = plain.tokenizer
         self.identity = model_identity(self.model, plain.name, self.adapter)
 
-    def turn(self, message: str, template: str, stops: list[str]) -> tuple[str, list[str]]:
-        """A user turn as text to read, and the strings that end the answer: the tokenizer's chat template
-        when it has one (the answer ends with its end-of-turn token), else `template`."""
-        if getattr(self.tokenizer, "chat_template", None):
-            chat = [{"role": "user", "content": message}]
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            return "\n" + text, []
-        return template.format(message=message), stops
-
     def encode(self, text: str):
         import torch
 
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
 
-    def generate(
-        self, prompt: str, state: Any, settings: dict[str, Any], stops: list[str], show: bool, **kwargs
-    ):
-        """Generate after `prompt`, streaming the text to stdout if `show`; (text, output)."""
+    def generate(self, prompt: str, state: Any, settings: dict[str, Any], stops: list[str], show: bool):
+        """Continue the raw text `prompt` (`hmt generate`), streaming it to stdout if `show`; (text, output).
+        Questions and chat turns go through `ask` instead."""
         from transformers import TextStreamer
 
         ids = self.encode(prompt)
@@ -97,7 +82,7 @@ class Reader:
         streamer = TextStreamer(self.tokenizer, skip_prompt=True) if show else None
         out = self.model.generate(
             ids[None], state=state, tokenizer=self.tokenizer, stop_strings=stops, streamer=streamer,
-            **settings, **kwargs,
+            **settings,
         )  # fmt: skip
         text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
         for stop in stops:  # the stop string ends the answer; it is not part of it
@@ -205,14 +190,6 @@ def ask_command(
     session: Annotated[str, typer.Argument(help="Session to ask (made by hmt read).")],
     question: Annotated[str, typer.Argument(help="The question.")],
     keep: Annotated[bool, typer.Option(help="Save the question and answer into the session.")] = False,
-    own_segment: Annotated[
-        bool,
-        typer.Option(
-            help="Read the question as its own segment, so the answer's segment recalls with it as the "
-            "query (how recall adapters are trained); by default it is read on in the document's last "
-            "segment, whose text then stays in view."
-        ),
-    ] = False,
     max_new_tokens: MaxNewTokensOpt = 48,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -227,9 +204,11 @@ def ask_command(
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Answer a question from a session's memory (unchanged unless --keep)."""
+    """Answer a question from a session's memory (unchanged unless --keep). The question is read as its
+    own segment (the answer's segment recalls with it as the query), then again opening the answer's."""
     import torch
 
+    from hmt.ask import ask
     from hmt.sessions import SessionStore
 
     settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
@@ -241,9 +220,8 @@ def ask_command(
     )
     state, info = store.load(session, reader.identity, device=reader.model.device)
     torch.manual_seed(seed)
-    prompt, stops = reader.turn(question.strip(), ASK_TEMPLATE, ASK_STOPS)
-    answer, out = reader.generate(prompt, state, settings, stops, show=False, end_segment=own_segment)
-    typer.echo(answer)
+    out = ask(reader.model, reader.tokenizer, question, state, **settings)
+    typer.echo(out.text or "(no answer)")
     if keep:
         info.sources.append("ask")
         store.save(session, out.state, info)
@@ -271,6 +249,7 @@ def chat_command(
     An empty line, /exit or end of input ends the chat."""
     import torch
 
+    from hmt.ask import ask
     from hmt.sessions import SessionInfo, SessionStore, check_name
 
     settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
@@ -292,10 +271,9 @@ def chat_command(
             break
         if not message.strip() or message.strip() == "/exit":
             break
-        prompt, stops = reader.turn(message.strip(), CHAT_TEMPLATE, CHAT_STOPS)
-        answer, out = reader.generate(prompt, state, settings, stops, show=False)
+        out = ask(reader.model, reader.tokenizer, message, state, **settings)
         state = out.state
-        typer.echo(f"hmt> {answer}")
+        typer.echo(f"hmt> {out.text or '(no answer)'}")
         if session is not None:
             if "chat" not in info.sources:
                 info.sources.append("chat")
