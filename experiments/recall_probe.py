@@ -27,6 +27,7 @@ import typer
 from experiments.cli import run, tool
 from hmt.backbone import flush_denormals, load_backbone
 from hmt.data.corpus import load_documents, token_stream
+from hmt.io import write_text_atomic
 from hmt.model import HMTForCausalLM
 from hmt.recall import MemoryParameters
 from hmt.tasks import RecallTasks, memory_as_tokens
@@ -159,7 +160,7 @@ def main(
     print(json.dumps({k: results[k] for k in ("adapter", "cosine", "write")}), flush=True)
     results["fit"] = fit(memory, data["train"], test, steps, lr)
     print("fit", json.dumps(results["fit"]["final"]), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

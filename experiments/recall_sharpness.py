@@ -33,7 +33,7 @@ import typer
 from experiments.cli import run, tool
 from hmt.backbone import flush_denormals, load_backbone
 from hmt.data.corpus import load_documents, token_stream
-from hmt.io import shipped_adapter
+from hmt.io import shipped_adapter, write_text_atomic
 from hmt.model import HMTForCausalLM
 from hmt.needle import NeedleConfig, read_context, score_answer
 from hmt.tasks import RecallSample, RecallTasks
@@ -175,7 +175,7 @@ def main(
             "sharpen_recall_after": model.config.sharpen_recall_after,
             "cells": cells,
         }
-        (out / "results.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(out / "results.json", json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
