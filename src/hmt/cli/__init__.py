@@ -15,6 +15,7 @@ from hmt.cli.eval import eval_command
 from hmt.cli.harness import lm_eval_command
 from hmt.cli.inspect import inspect_command, version_command
 from hmt.cli.needle import needle_command
+from hmt.cli.qa import qa_command, voice_command
 from hmt.cli.serve import serve_command
 from hmt.cli.session import ask_command, chat_command, generate_command, read_command
 from hmt.cli.train import train_command
@@ -31,6 +32,8 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("train")(train_command)
 app.command("needle")(needle_command)
+app.command("qa")(qa_command)
+app.command("voice")(voice_command)
 app.command("read")(read_command)
 app.command("ask")(ask_command)
 app.command("chat")(chat_command)
