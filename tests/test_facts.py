@@ -280,3 +280,14 @@ def test_bundled_prompts_are_disjoint_halves():
     assert chat_prompts("test") == test  # a fresh list each time, the same prompts
     with pytest.raises(ValueError, match="split must be train or test"):
         chat_prompts("validation")
+
+
+def test_a_haystack_shorter_than_the_context_repeats(tokenizer):
+    """A context longer than the haystack is filled by repeating it, at the length asked, with the fact
+    still at a sentence end of the (repeated) text."""
+    haystack = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    maker = FactMaker(tokenizer, haystack, "test")
+    length = 3 * len(haystack) + 17
+    sample = make(maker, "fact", length=length, depth=0.5)
+    assert len(sample.context) == length
+    assert 0.3 < sample.depth < 0.7

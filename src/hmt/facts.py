@@ -7,7 +7,7 @@ name, a place, a date or a code. Templates, names, places and words come in two 
 for training, `test` for the targets, so a score on `test` is on phrasings and values training never saw.
 bAbI-style stories (qa1-qa3: one, two and three supporting facts, as BABILong builds them) are here too.
 
-A sample is a `FactSample`: the haystack with the facts at sentence boundaries, the question, the values
+A haystack shorter than a context repeats end to end. A sample is a `FactSample`: the haystack with the facts at sentence boundaries, the question, the values
 asked (all must appear in the answer) and, for the teacher, the supporting facts as plain text.
 """
 
@@ -215,9 +215,10 @@ class FactMaker:
         room = length - sum(len(p) for p in pieces)
         if room < 1:
             raise ValueError(f"a context of {length} tokens cannot hold these facts")
-        start = _pick(g, max(1, len(self.haystack) - room))
-        text = self.haystack[start : start + room]
-        ends = self.sentence_ends[(self.sentence_ends > start) & (self.sentence_ends < start + len(text))]
+        haystack, sentence_ends = self._haystack_of(room)
+        start = _pick(g, max(1, len(haystack) - room))
+        text = haystack[start : start + room]
+        ends = sentence_ends[(sentence_ends > start) & (sentence_ends < start + len(text))]
         cuts = torch.cat([torch.tensor([0, len(text)]), ends - start])  # sentence boundaries in `text`
 
         def boundary(fraction: float) -> int:
@@ -251,6 +252,14 @@ class FactMaker:
             depth=first[0] / max(1, len(context)),
             distance=len(context) - min(spans[i][1] for i in asked),
         )
+
+    def _haystack_of(self, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The haystack and its sentence ends, repeated end to end when it is shorter than `room`."""
+        copies = -(-room // len(self.haystack))
+        if copies <= 1:
+            return self.haystack, self.sentence_ends
+        offsets = torch.arange(copies)[:, None] * len(self.haystack)
+        return self.haystack.repeat(copies), (self.sentence_ends[None, :] + offsets).flatten()
 
     def _encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

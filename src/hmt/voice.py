@@ -6,7 +6,8 @@ answers greedily through its chat template. The hmt model is then measured on th
 - KL(backbone || hmt) per token, teacher-forced on the backbone's own answer (nats; 0 = the same
   next-token distributions at every step of that answer);
 - whether hmt's own greedy answer agrees with the backbone's in its first sentence;
-- digit runs (3+ digits) in hmt's answer that the backbone's answer does not have.
+- digit runs (3+ digits) in hmt's answer that the backbone's answer does not have, and among them
+  runs of 7+ digits ("The capital of Egypt is 47196895678000…": the failure, not a year).
 
 Each prompt is asked with an empty memory and, with a document read first, after reading that much unrelated
 text (a user who read a document and then asks something else).
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from hmt.ask import answer_logits, ask, ask_turn, encode
 
 DIGIT_RUN = re.compile(r"\d{3,}")
+LONG_DIGIT_RUN = 7  # digits: a run this long the backbone did not write is the failure mode, not a year
 
 
 def first_sentence(text: str) -> str:
@@ -105,6 +107,9 @@ def voice_report(
             "mean_kl": sum(r["kl"] for r in rows) / len(rows),
             "same_first_sentence": sum(r["same_first_sentence"] for r in rows) / len(rows),
             "answers_with_new_digit_runs": sum(bool(r["new_digit_runs"]) for r in rows),
+            "answers_with_new_long_digit_runs": sum(
+                any(len(run) >= LONG_DIGIT_RUN for run in r["new_digit_runs"]) for r in rows
+            ),
             "seconds": time.perf_counter() - started,
             "rows": rows,
         }

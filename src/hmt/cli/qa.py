@@ -128,15 +128,14 @@ def qa_command(
             seed,
         )
         haystack = token_stream(documents, plain.tokenizer)
-    if haystack.numel() < max(config.lengths):
-        raise ValueError(
-            f"{data} ({split} split) has {haystack.numel():,} tokens, fewer than the longest context "
-            f"{max(config.lengths):,}: give more text with --data"
-        )
+    if haystack.numel() == 0:
+        raise ValueError(f"{data} ({split} split) holds no text to make a haystack from")
     window = context_length(plain.model.config) or 2048
     console.print(
         f"backbone [bold]{plain.name}[/] · adapter: {labels['adapter']} · haystack {data} ({split}), "
-        f"{haystack.numel():,} tokens · templates and values: {split} half"
+        f"{haystack.numel():,} tokens"
+        + (" (repeats to fill the longest context)" if haystack.numel() < max(config.lengths) else "")
+        + f" · templates and values: {split} half"
     )
     trials_in_all = len(config.tasks) * len(config.lengths) * len(config.depths) * config.trials
     with ModeProgress(console, config.rows, trials_in_all, unit="trials") as progress:
@@ -288,12 +287,13 @@ def voice_table(report: dict[str, Any]) -> Table:
     from rich.table import Table
 
     table = Table(title=f"short chats against the untouched backbone ({report['prompts']} prompts, greedy)")
-    for name in ("memory", "mean KL (nats/token)", "same first sentence %", "answers with new digit runs"):
+    columns = ("memory", "mean KL (nats/token)", "same first sentence %", "new digit runs (of 7+)")
+    for name in columns:
         table.add_column(name, justify="right" if name != "memory" else "left")
     for name, result in report["memories"].items():
         table.add_row(
             name, f"{result['mean_kl']:.3f}", f"{100 * result['same_first_sentence']:.0f}",
-            str(result["answers_with_new_digit_runs"]),
+            f"{result['answers_with_new_digit_runs']} ({result['answers_with_new_long_digit_runs']})",
         )  # fmt: skip
     return table
 
