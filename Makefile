@@ -35,12 +35,20 @@ lint: install
 # 1. perplexity on the first 8,192 tokens of the essays' test split: hmt and the sliding window (with the
 #    adapter's LoRA) against the untouched backbone on the same windows and at its full context;
 # 2. a pass key hidden at the start of 16,384 tokens of held-out essays, twice the backbone's context,
-#    asked at the end: what the full backbone (the last 8,192 tokens), the sliding window and hmt answer.
-# About 4 minutes on 2 CPU cores.
+#    asked at the end: what the full backbone (the last 8,192 tokens), the sliding window and hmt answer;
+# 3. the ask path a user takes: a fact in a held-out phrasing hidden at the start of 16,384 tokens of
+#    held-out essays, read into a session (hmt read) and asked in words (hmt ask, chat template, free
+#    generation); then short general questions answered by the untouched backbone and by hmt (hmt voice).
+# About 7 minutes on 2 CPU cores.
 DEMO_OUT ?= runs/demo
 demo: install
 	$(VENV)/bin/hmt eval --data essays --split test --max-tokens 8192 --modes backbone,sliding,hmt,full --out $(DEMO_OUT) --overwrite
 	$(VENV)/bin/hmt needle --task passkey --lengths 16384 --depths 0 --trials 1 --rows full,sliding,hmt --answers --out $(DEMO_OUT)/needle --overwrite
+	$(PY) examples/far_fact.py --tokens 16384 --depth 0 --out $(DEMO_OUT)/far-fact
+	$(VENV)/bin/hmt read $(DEMO_OUT)/far-fact/document.txt --session far-fact --overwrite --sessions $(DEMO_OUT)/sessions
+	@echo "Q: $$(cat $(DEMO_OUT)/far-fact/question.txt)  (the document states: $$(cat $(DEMO_OUT)/far-fact/answer.txt))"
+	$(VENV)/bin/hmt ask far-fact "$$(cat $(DEMO_OUT)/far-fact/question.txt)" --sessions $(DEMO_OUT)/sessions
+	$(VENV)/bin/hmt voice --limit 4 --context-tokens 0 --answers --out $(DEMO_OUT)/voice --overwrite
 
 # Long-range recall: a pass key hidden in held-out essays at 1K and 4K tokens (3 depths, 2 trials), read
 # by the untouched backbone, the sliding window, rmt and hmt; heatmaps and results.json in NEEDLE_OUT.
