@@ -282,8 +282,8 @@ def main(
         optimizer.step()
         step += 1
         record = {
-            "step": step, "task": task, "segments": segments, "recall_kl": float(recall_kl),
-            "write": float(write), "voice_kl": float(voice_kl), "teacher_found": found,
+            "step": step, "task": task, "segments": segments, "recall_kl": float(recall_kl.detach()),
+            "write": float(write.detach()), "voice_kl": float(voice_kl.detach()), "teacher_found": found,
             "grad_norm": float(norm), "seconds": round(time.perf_counter() - started, 2),
         }  # fmt: skip
         log.write(json.dumps(record) + "\n")
