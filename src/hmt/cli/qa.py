@@ -117,16 +117,8 @@ def qa_command(
     results_path = check_output(out, RESULTS_NAME, overwrite)
     with console.status("loading the model"):
         adapter, model, plain, labels = _load(
-            backbone,
-            adapter,
-            segment_length,
-            num_sensory,
-            cache_size,
-            sharpen_recall_after,
-            dtype,
-            device,
-            seed,
-        )
+            backbone, adapter, segment_length, num_sensory, cache_size, sharpen_recall_after, dtype, device, seed
+        )  # fmt: skip
         haystack = token_stream(documents, plain.tokenizer)
     if haystack.numel() == 0:
         raise ValueError(f"{data} ({split} split) holds no text to make a haystack from")
@@ -252,16 +244,8 @@ def voice_command(
     results_path = check_output(out, RESULTS_NAME, overwrite)
     with console.status("loading the model"):
         adapter, model, plain, labels = _load(
-            backbone,
-            adapter,
-            segment_length,
-            num_sensory,
-            cache_size,
-            sharpen_recall_after,
-            dtype,
-            device,
-            seed,
-        )
+            backbone, adapter, segment_length, num_sensory, cache_size, sharpen_recall_after, dtype, device, seed
+        )  # fmt: skip
     contexts: dict[str, Any] = {"empty": None}
     if context_tokens:
         text = token_stream(documents, plain.tokenizer, context_tokens)
