@@ -30,7 +30,134 @@ def test_store_saves_loads_and_refuses_another_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no session 'novel' .*\(sessions there: book\)"):
         store.load("novel", identity(model))
     store.delete("book")
-    assert store.names() == []
+    assert store.names() == [] and list(tmp_path.glob("*.safetensors")) == []
+
+
+def saved_store(tmp_path, tokens=21):
+    model = tiny_hmt("llama")
+    with torch.no_grad():
+        state = model(random_ids(1, tokens)).state
+    store = SessionStore(tmp_path)
+    store.save("book", state, SessionInfo(model=identity(model)))
+    return model, state, store
+
+
+def test_a_save_replaces_the_memory_file_and_a_crash_leaves_the_session_as_it_was(tmp_path, monkeypatch):
+    model, state, store = saved_store(tmp_path)
+    first = store.info("book").state_file
+    with torch.no_grad():
+        longer = model(random_ids(1, 40), state=state).state
+    store.save("book", longer, SessionInfo(model=identity(model)))
+    assert store.info("book").state_file != first and not (tmp_path / first).exists()
+    assert store.load("book", identity(model))[1].tokens == 61
+
+    def crash(*args, **kwargs):  # the process dies after the new memory file, before the record
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hmt.sessions.write_text_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save("book", state, SessionInfo(model=identity(model)))
+    monkeypatch.undo()
+    loaded, info = store.load("book", identity(model))
+    assert info.tokens == 61 and torch.equal(loaded.tokens, longer.tokens)  # not a step ahead
+    (tmp_path / ".book.session.json.abc123xy.tmp").write_text("half a record")
+    removed = store.clean()
+    assert len(removed) == 2 and ".book.session.json.abc123xy.tmp" in removed
+    assert sorted(p.name for p in tmp_path.glob("book*")) == sorted(["book.session.json", info.state_file])
+    assert store.load("book", identity(model))[1].tokens == 61
+
+
+def test_a_session_saved_before_versioned_files_still_loads(tmp_path):
+    model, state, store = saved_store(tmp_path)
+    record = json.loads((tmp_path / "book.session.json").read_text())
+    (tmp_path / record.pop("state_file")).rename(tmp_path / "book.memory.safetensors")
+    (tmp_path / "book.session.json").write_text(json.dumps(record))
+    assert store.clean() == []
+    assert torch.equal(store.load("book", identity(model))[0].tokens, state.tokens)
+
+
+def test_clean_skips_a_session_another_process_is_changing(tmp_path):
+    import subprocess
+    import sys
+
+    _, _, store = saved_store(tmp_path)
+    (tmp_path / "book.memory-0123456789abcdef.safetensors").write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hmt.sessions import SessionStore; "
+         f"lock = SessionStore({str(tmp_path)!r}).lock('book'); lock.acquire(); print('held', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert store.clean() == []
+        lock = store.lock("book")
+        with pytest.raises(TimeoutError):
+            lock.acquire(timeout=0.2)
+    finally:
+        holder.communicate("")
+    assert store.clean() == ["book.memory-0123456789abcdef.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "tiny"}, "damaged record"),
+        ({"sources": [1]}, "damaged record"),
+        ({"tokens": "many"}, "damaged record"),
+        ({"surprise": 1}, "damaged record"),
+    ],
+)
+def test_damaged_records_are_refused_with_the_session_named(tmp_path, change, message):
+    model, _, store = saved_store(tmp_path)
+    record = json.loads((tmp_path / "book.session.json").read_text())
+    (tmp_path / "book.session.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(ValueError, match=f"session 'book' has a {message}"):
+        store.load("book", identity(model))
+
+
+def test_memories_are_checked_against_the_model_and_take_its_dtype(tmp_path):
+    from hmt.memory import MemoryState
+
+    model, state, store = saved_store(tmp_path)
+    path = tmp_path / store.info("book").state_file
+    MemoryState(**{**state.tensors(), "memories": state.memories.half()}).save(path)
+    loaded, _ = store.load("book", identity(model), model=model)
+    assert loaded.memories.dtype == torch.float32
+    bad_ids = state.recent_ids.clone()
+    bad_ids[state.recent_mask] = model.vocab_size + 5
+    MemoryState(**{**state.tensors(), "recent_ids": bad_ids}).save(path)
+    with pytest.raises(ValueError, match=r"session 'book' holds an unusable memory: .*vocabulary"):
+        store.load("book", identity(model), model=model)
+    pending = torch.ones(1, 40, dtype=torch.long)
+    MemoryState(**{**state.tensors(), "pending_ids": pending, "pending_mask": pending.bool()}).save(path)
+    with pytest.raises(ValueError, match="unfinished segment"):
+        store.load("book", identity(model), model=model)
+    with pytest.raises(ValueError) as caught:
+        path.write_bytes(b"not safetensors")
+        store.load("book", identity(model), model=model)
+    assert str(tmp_path) not in str(caught.value)
+
+
+def test_appends_from_two_processes_at_once_are_all_kept(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sessions = tmp_path / "sessions"
+    texts = []
+    for i in range(4):
+        texts.append(tmp_path / f"part{i}.txt")
+        texts[-1].write_text(word_text(i, 80))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "hmt.cli", "read", "--session", "shared", "--append",
+               *cli_model(tiny_model_dir, sessions)]  # fmt: skip
+    runs = [subprocess.Popen([*command[:4], str(t), *command[4:]], env=env, stderr=subprocess.PIPE)
+            for t in texts]  # fmt: skip
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()
+    info = json.loads((sessions / "shared.session.json").read_text())
+    assert sorted(info["sources"]) == sorted(str(t) for t in texts)
 
 
 def test_adapter_identity_follows_the_files_not_the_path(tmp_path):
@@ -70,12 +197,13 @@ def test_read_then_ask_answers_without_changing_the_session(monkeypatch, capsys,
     assert "tokens in" in err and "into session book" in err
     info = json.loads((sessions / "book.session.json").read_text())
     assert info["tokens"] > 300 and info["sources"] == [str(book)]
-    before = (sessions / "book.memory.safetensors").read_bytes()
+    memory_file = sessions / info["state_file"]  # the record names its memory file
+    before = memory_file.read_bytes()
     code, out, err = run_cli(monkeypatch, capsys, "ask", "book", "what does memory recall?", "--max-new-tokens", "5",
                              *cli_model(tiny_model_dir, sessions))  # fmt: skip
     assert code == 0, err
     assert out.strip()  # some answer (an untrained tiny model: words, not the truth)
-    assert (sessions / "book.memory.safetensors").read_bytes() == before
+    assert memory_file.read_bytes() == before
     code, _, err = run_cli(monkeypatch, capsys, "ask", "book", "again?", "--max-new-tokens", "3", "--keep",
                            *cli_model(tiny_model_dir, sessions))  # fmt: skip
     assert code == 0, err

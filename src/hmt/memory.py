@@ -94,10 +94,41 @@ class MemoryState:
     def to(self, device: torch.device | str) -> MemoryState:
         return MemoryState(**{name: t.to(device) for name, t in self.tensors().items()})
 
+    def floating_as(self, dtype: torch.dtype) -> MemoryState:
+        """The same state with its floating tensors (memories, carried logits) in `dtype`."""
+        return MemoryState(
+            **{name: t.to(dtype) if t.is_floating_point() else t for name, t in self.tensors().items()}
+        )
+
     def select(self, rows: torch.Tensor | list[int]) -> MemoryState:
         """The state of some rows of the batch (e.g. to continue one document of several)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.segments.device)
         return MemoryState(**{name: t.index_select(0, index) for name, t in self.tensors().items()})
+
+    @classmethod
+    def stack(cls, states: list[MemoryState]) -> MemoryState:
+        """The rows of several states as one batch (right-aligned per-row quantities left-padded)."""
+
+        def left_padded(name: str) -> torch.Tensor:
+            tensors = [getattr(s, name) for s in states]
+            width = max(t.shape[1] for t in tensors)
+            return torch.cat([torch.cat([t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:]), t], 1)
+                              for t in tensors])  # fmt: skip
+
+        aligned = ("memories", "memory_mask", "recent_ids", "recent_mask", "pending_ids", "pending_mask")
+        return cls(
+            **{name: left_padded(name) for name in aligned},
+            **{name: torch.cat([getattr(s, name) for s in states]) for name in ("segments", "tokens",
+                                                                                 "next_token_logits")},
+        )  # fmt: skip
+
+    def compact(self) -> MemoryState:
+        """The same state without columns that are empty in every row (a row taken out of a batch)."""
+        state = self._trimmed()
+        empty = int((~state.pending_mask.any(dim=0)).long().cumprod(dim=0).sum())
+        return replace(
+            state, pending_ids=state.pending_ids[:, empty:], pending_mask=state.pending_mask[:, empty:]
+        )
 
     def reset(self, rows: torch.Tensor) -> MemoryState:
         """The same state with the rows where `rows` (batch,) bool is True emptied (a new document starts)."""

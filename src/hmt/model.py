@@ -544,6 +544,12 @@ class HMTForCausalLM(nn.Module):
             raise ValueError(
                 f"state holds {state.batch_size} rows but input_ids has {batch}; use state.select(rows)"
             )
+        return self.fit_state(state)
+
+    def fit_state(self, state: MemoryState) -> MemoryState:
+        """`state` checked against this model — memory width, recent tokens kept, vocabulary, cache size,
+        an unfinished segment shorter than L — and put on its device, in float32 (a state saved from
+        another dtype reads the same). A state that does not fit raises ValueError naming the mismatch."""
         if (
             state.memories.shape[2] != self.memory_width
             or state.recent_ids.shape[1] != self.config.tokens_kept
@@ -558,8 +564,18 @@ class HMTForCausalLM(nn.Module):
                 f"state was made for a vocabulary of {state.next_token_logits.shape[1]}, this backbone has "
                 f"{self.vocab_size}"
             )
+        if state.memories.shape[1] > self.config.cache_size:
+            raise ValueError(
+                f"state holds {state.memories.shape[1]} memories, over this model's cache_size of "
+                f"{self.config.cache_size}: it was made with another configuration"
+            )
+        if state.pending_ids.shape[1] >= self.config.segment_length:
+            raise ValueError(
+                f"state holds {state.pending_ids.shape[1]} tokens of an unfinished segment, which this "
+                f"model's segments of {self.config.segment_length} would have closed"
+            )
         state.check_vocabulary(self.vocab_size)  # the rest of its contents is checked when it is loaded
-        return state.to(self.device)
+        return state.to(self.device).floating_as(torch.float32)
 
     # ---- save / load --------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +32,25 @@ TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling: keep the smalles
 TopKOpt = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: all).")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(help="transformers' repetition penalty (1: none).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of sampling and of untrained memory parameters.")]
+
+
+@contextmanager
+def hold(store: Any, name: str | None) -> Iterator[None]:
+    """Hold session `name`'s lock across processes (none: nothing to hold), saying so when another
+    process has it and this one waits."""
+    if name is None:
+        yield
+        return
+    lock = store.lock(name)
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        typer.echo(f"(session {name} is in use by another process: waiting for it)", err=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sessions_dir(given_dir: Path | None) -> Path:
@@ -121,13 +142,10 @@ def read_command(
 ) -> None:
     """Read a text of any length into a saved memory (a session) to ask about it later."""
     import sys
-    import time
 
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    from hmt.sessions import SessionInfo, SessionStore, check_name
+    from hmt.sessions import SessionStore, check_name
 
     console = Console(stderr=True)
     check_name(session)
@@ -141,6 +159,7 @@ def read_command(
             f"session {session!r} exists in {store.directory}: pass --append to read more into it or "
             "--overwrite to replace it"
         )
+    store.check_writable()
     if str(file) == "-":
         text = sys.stdin.read()
     elif not file.is_file():
@@ -159,13 +178,27 @@ def read_command(
             device,
             seed,
         )
+    if not text.strip():
+        raise ValueError(f"{file} holds no text to read")
+    with hold(store, session):  # no other process changes the session between its load and this save
+        _read_into(store, session, reader, text, str(file), append, chunk, console)
+
+
+def _read_into(store: Any, session: str, reader: Reader, text: str, source: str, append: bool, chunk: int,
+               console: Any) -> None:  # fmt: skip
+    """Read `text` into `session` (after what it holds, if `append`) with a progress bar, and save it."""
+    import time
+
+    import torch
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from hmt.sessions import SessionInfo
+
     state, info = None, SessionInfo(model=reader.identity)
     if append and store.exists(session):
-        state, info = store.load(session, reader.identity, device=reader.model.device)
+        state, info = store.load(session, reader.identity, model=reader.model)
         text = "\n\n" + text
     ids = reader.encode(text)
-    if ids.numel() == 0 or not text.strip():
-        raise ValueError(f"{file} holds no text to read")
     started = time.perf_counter()
     columns = (TextColumn("reading"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[speed]}"))
     with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
@@ -177,7 +210,7 @@ def read_command(
                 speed = f"{done / (time.perf_counter() - started):,.0f} tok/s"
                 progress.update(task, completed=done, speed=speed)
     seconds = time.perf_counter() - started
-    info.sources.append(str(file))
+    info.sources.append(source)
     store.save(session, state, info)
     console.print(
         f"read {ids.numel():,} tokens in {seconds:.1f} s ({ids.numel() / seconds:,.0f} tok/s) into session "
@@ -218,13 +251,14 @@ def ask_command(
     reader = Reader(
         backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
     )
-    state, info = store.load(session, reader.identity, device=reader.model.device)
-    torch.manual_seed(seed)
-    out = ask(reader.model, reader.tokenizer, question, state, **settings)
-    typer.echo(out.text or "(no answer)")
-    if keep:
-        info.sources.append("ask")
-        store.save(session, out.state, info)
+    with hold(store, session if keep else None):
+        state, info = store.load(session, reader.identity, model=reader.model)
+        torch.manual_seed(seed)
+        out = ask(reader.model, reader.tokenizer, question, state, **settings)
+        typer.echo(out.text or "(no answer)")
+        if keep:
+            info.sources.append("ask")
+            store.save(session, out.state, info)
 
 
 def chat_command(
@@ -249,7 +283,6 @@ def chat_command(
     An empty line, /exit or end of input ends the chat."""
     import torch
 
-    from hmt.ask import ask
     from hmt.sessions import SessionInfo, SessionStore, check_name
 
     settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
@@ -259,15 +292,27 @@ def chat_command(
     reader = Reader(
         backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
     )
-    state, info = None, SessionInfo(model=reader.identity)
-    if session is not None and store.exists(session):
-        state, info = store.load(session, reader.identity, device=reader.model.device)
-        typer.echo(f"(session {session}: {int(state.tokens.sum()):,} tokens remembered)")
-    torch.manual_seed(seed)
+    with hold(store, session):  # the session is this chat's until it ends: no other writer loses a turn
+        state, info = None, SessionInfo(model=reader.identity)
+        if session is not None and store.exists(session):
+            state, info = store.load(session, reader.identity, model=reader.model)
+            typer.echo(f"(session {session}: {int(state.tokens.sum()):,} tokens remembered)")
+        torch.manual_seed(seed)
+        _chat(reader, settings, state, info, store, session)
+
+
+def _chat(reader: Reader, settings: dict, state: Any, info: Any, store: Any, session: str | None) -> None:
+    """The chat's turns, each read into `state` (and saved into `session`, if given), until the end."""
+    from hmt.ask import ask
+
     while True:
         try:
             message = input("you> ")
         except EOFError:
+            typer.echo("\n(end of input: chat ended)")
+            break
+        except (RuntimeError, OSError, ValueError):  # stdin closed (no sys.stdin, a closed file), unreadable
+            typer.echo("\n(stdin is closed or cannot be read: chat ended)")
             break
         if not message.strip() or message.strip() == "/exit":
             break
@@ -310,13 +355,14 @@ def generate_command(
     reader = Reader(
         backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
     )
-    state, info = None, None
-    if session is not None:
-        state, info = store.load(session, reader.identity, device=reader.model.device)
-    torch.manual_seed(seed)
-    typer.echo(prompt, nl=False)
-    _, out = reader.generate(prompt, state, settings, [], show=True)
-    typer.echo()
-    if keep:
-        info.sources.append("generate")
-        store.save(session, out.state, info)
+    with hold(store, session if keep else None):
+        state, info = None, None
+        if session is not None:
+            state, info = store.load(session, reader.identity, model=reader.model)
+        torch.manual_seed(seed)
+        typer.echo(prompt, nl=False)
+        _, out = reader.generate(prompt, state, settings, [], show=True)
+        typer.echo()
+        if keep:
+            info.sources.append("generate")
+            store.save(session, out.state, info)
