@@ -39,7 +39,7 @@ from hmt.cli.options import BackboneOpt, DeviceOpt, DtypeOpt, MemoryLayerOpt, sp
 from hmt.config import MEMORY_MODES, READING_FIELDS, WRITING_MODES, HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
 from hmt.runs import FINAL_DIR, RUN_FILE, SUMMARY_FILE, RunSettings, train_run
-from hmt.train import TrainConfig
+from hmt.train import TrainConfig, check_learning_rate
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -107,6 +107,8 @@ class CompareRequest:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.train_data or not self.eval_data:
             raise ValueError("give at least one training text and one evaluation text")
+        check_learning_rate("--lr", self.lr)
+        check_learning_rate("--memory-lr", self.memory_lr)
         # Checked now by the objects that will use them, not after a first arm has trained.
         try:
             self.distillation()

@@ -25,6 +25,7 @@ from hmt.config import IGNORE_INDEX, HMTConfig
 from hmt.data.corpus import load_documents, token_stream
 from hmt.model import HMTForCausalLM
 from hmt.tasks import memory_as_tokens
+from hmt.train import check_learning_rate, diverged, non_finite
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,6 +92,8 @@ def key_probe(
     (needs memory_tokens >= the answer's 6 tokens). It teaches the write to gather the key directly."""
     from peft import LoraConfig, get_peft_model
 
+    check_learning_rate("--lr", lr)
+    check_learning_rate("--memory-lr", memory_lr)
     if threads:
         torch.set_num_threads(threads)
     flush_denormals()
@@ -142,7 +145,10 @@ def key_probe(
             loss = loss + write_loss * term
             write_losses.append(float(term.detach()))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora + memory, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(lora + memory, 1.0)
+        problem = non_finite({"loss": float(loss.detach()), "gradient norm": float(norm)})
+        if problem is not None:
+            raise diverged(step, problem, "try a lower --lr or --memory-lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out_.loss.detach()))

@@ -31,6 +31,7 @@ from hmt.io import write_text_atomic
 from hmt.model import HMTForCausalLM
 from hmt.recall import MemoryParameters
 from hmt.tasks import RecallTasks, memory_as_tokens
+from hmt.train import check_learning_rate
 
 
 def collect(model: HMTForCausalLM, tasks: RecallTasks, count: int, segments: int, seed: int) -> dict:
@@ -140,6 +141,7 @@ def main(
     lr: Annotated[float, typer.Option()] = 1e-3,
     threads: Annotated[int, typer.Option()] = 2,
 ) -> None:
+    check_learning_rate("--lr", lr)
     torch.set_num_threads(threads)
     flush_denormals()
     out.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,9 @@ class RecallExperiment:
             raise ValueError("num_sensory must be <= half a segment, or sensory memory could carry the facts")
         if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
             raise ValueError("steps, batch_size and eval_samples must be >= 1")
+        from hmt.train import check_learning_rate
+
+        check_learning_rate("--lr", self.lr)
 
     @property
     def unroll(self) -> str:

@@ -37,17 +37,21 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from experiments.cli import run
 from hmt.ask import answer_logits, ask_turn, encode
 from hmt.backbone import flush_denormals, has_lora, load_backbone, prepare_backbone, quiet_transformers
 from hmt.config import HMTConfig
 from hmt.data.corpus import BUNDLED_CORPORA, load_documents, token_stream
 from hmt.facts import FactMaker, answer_found, teacher_messages
-from hmt.io import load_adapter_files, shipped_adapter, write_text_atomic
+from hmt.finite import check_finite_weights
+from hmt.io import ADAPTER_NAME, load_adapter_files, shipped_adapter, write_text_atomic
 from hmt.model import HMTForCausalLM
 from hmt.prompts import chat_prompts
 from hmt.tasks import memory_as_tokens
+from hmt.train import check_finite_parameters, check_learning_rate, diverged, non_finite
 
 tool = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+ADVICE = "try a lower --lr or --memory-lr"
 
 
 class Teacher:
@@ -111,6 +115,7 @@ def training_model(backbone, start_from: Path | None, train: str, fresh: HMTConf
         if start_from is None:
             return HMTForCausalLM(backbone, fresh.replace(recall_query="causal"))
         config, tensors = load_adapter_files(start_from)
+        check_finite_weights(tensors.items(), start_from / ADAPTER_NAME)
         model = HMTForCausalLM(backbone, config.replace(recall_query="causal"))
         model.memory.load_state_dict(tensors)
         return model
@@ -197,6 +202,8 @@ def main(
     quiet_transformers()
     if train not in ("lora", "memory"):
         raise typer.BadParameter("--train is lora or memory")
+    check_learning_rate("--lr", lr)
+    check_learning_rate("--memory-lr", memory_lr)
     torch.manual_seed(seed)
     plain = load_backbone(backbone, dtype="float32")
     tokenizer = plain.tokenizer
@@ -279,6 +286,9 @@ def main(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(memory_params + backbone_params, 1.0)
+        problem = non_finite({"loss": float(loss.detach()), "gradient norm": float(norm)})
+        if problem is not None:  # before the step: the weights (and OUT/last) stay finite
+            raise diverged(step + 1, problem, ADVICE)
         optimizer.step()
         step += 1
         record = {
@@ -297,6 +307,7 @@ def main(
             print(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in mean.items()), flush=True)
             window = []
         if step % save_every == 0 or step == steps:
+            check_finite_parameters(model, step, ADVICE)
             model.save_pretrained(last)
             torch.save(optimizer.state_dict(), out / "optimizer.pt")
             write_text_atomic(out / "step.json", json.dumps({"step": step}))
@@ -307,5 +318,10 @@ def main(
     return model
 
 
+def cli() -> None:
+    """The command line: a known error (e.g. a diverged training) is one line, as `hmt` prints it."""
+    run(tool)
+
+
 if __name__ == "__main__":
-    tool()
+    cli()

@@ -49,3 +49,38 @@ def test_import_is_light():
     code = "import sys, hmt; heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; print(heavy)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+CHAT = ["chat", "--segment-length", "16", "--num-sensory", "4", "--dtype", "fp32", "--device", "cpu"]
+
+
+def test_chat_ends_cleanly_when_stdin_is_closed(tiny_model_dir, tmp_path):
+    """`hmt chat ... 0<&-`: no sys.stdin at all. It ends at once with a short message, no traceback."""
+    command = [sys.executable, "-m", "hmt.cli", *CHAT, "--backbone", str(tiny_model_dir),
+               "--sessions", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" 0<&-', "sh", *command], capture_output=True, text=True, check=False, timeout=300
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "stdin is closed or cannot be read: chat ended" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_ends_cleanly_at_end_of_input_or_on_an_unreadable_stdin(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    import io
+
+    from conftest import run_cli
+
+    closed = io.StringIO("hello\n")
+    closed.close()
+    for stdin, message in (
+        (io.StringIO(""), "(end of input: chat ended)"),  # < /dev/null, or Ctrl-D
+        (None, "(stdin is closed or cannot be read: chat ended)"),
+        (closed, "(stdin is closed or cannot be read: chat ended)"),
+    ):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, out, err = run_cli(monkeypatch, capsys, *CHAT, "--backbone", str(tiny_model_dir),
+                                 "--sessions", str(tmp_path))  # fmt: skip
+        assert code == 0 and message in out and "hmt> " not in out, (out, err)

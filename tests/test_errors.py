@@ -114,6 +114,18 @@ def test_load_refuses_tensors_of_the_wrong_shape(tmp_path):
         HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_load_refuses_an_adapter_holding_nan_or_inf(tmp_path, value):
+    model = tiny_hmt("llama")
+    with torch.no_grad():
+        model.memory.initial_memory.view(-1)[0] = value  # what a diverged training leaves
+    model.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"hmt_adapter\.safetensors holds NaN or inf weights \(initial_memory\)"
+    ):
+        HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"))
+
+
 def test_corrupt_config_file(tmp_path):
     tiny_hmt("llama").save_pretrained(tmp_path)
     (tmp_path / "hmt_config.json").write_text('{"segment_length": -1}')

@@ -85,3 +85,17 @@ def test_a_truncated_lora_file_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"LoRA weights in .* cannot be read"):
         HMTForCausalLM.from_pretrained(tmp_path, tiny_backbone("llama"))
+
+
+def test_lora_weights_holding_nan_are_refused_before_the_backbone_changes(tmp_path):
+    model = HMTForCausalLM(prepare_backbone(tiny_backbone("llama"), "lora", lora_rank=4), CONFIG)
+    with torch.no_grad():
+        next(p for n, p in model.backbone.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    model.save_pretrained(tmp_path)
+    backbone = tiny_backbone("llama")
+    before = {n: p.clone() for n, p in backbone.state_dict().items()}
+    for merge_lora in (False, True):
+        with pytest.raises(ValueError, match=r"adapter_model\.safetensors holds NaN or inf weights .*lora_B"):
+            HMTForCausalLM.from_pretrained(tmp_path, backbone, merge_lora=merge_lora)
+    assert not is_peft_model(backbone)
+    assert all(torch.equal(p, before[n]) for n, p in backbone.state_dict().items())

@@ -14,6 +14,7 @@ from hmt.config import IGNORE_INDEX
 from hmt.data import RandomWindows, StreamLanes
 from hmt.train import (
     TrainConfig,
+    TrainingDiverged,
     _loss_labels,
     lr_factor,
     parse_unroll,
@@ -66,6 +67,11 @@ def test_learning_rate_warms_up_then_decays_in_steps():
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"bptt_depth": 0}, "bptt_depth must be >= 1"),
         ({"decay_factor": 1.5}, "decay_factor"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+        ({"memory_lr": float("inf")}, "memory_lr must be a finite number > 0, got inf"),
+        ({"memory_lr": 0.0}, "memory_lr must be a finite number > 0, got 0.0"),
+        ({"lr": -1e-4}, "lr must be a finite number > 0"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number >= 0"),
     ],
 )
 def test_train_config_errors(changes, message):
@@ -191,6 +197,61 @@ def test_nothing_to_train_is_an_error(tmp_path):
     model.backbone.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), quiet(mode="backbone"), tmp_path)
+
+
+def test_training_stops_on_a_non_finite_loss_before_updating_or_saving(tmp_path):
+    model = tiny_hmt("llama")
+    with torch.no_grad():
+        model.memory.initial_memory.view(-1)[0] = float("nan")
+    with pytest.raises(
+        TrainingDiverged, match=r"^training stopped at step 1: the loss is nan \(try a lower --lr"
+    ):
+        train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), quiet(save_every=1), tmp_path)
+    assert checkpoint_dirs(tmp_path) == []
+
+
+class FailsAt:
+    """An auxiliary loss that is 0 until its `at`-th call, then NaN (`bad="loss"`) or 0 with a NaN
+    gradient (`bad="gradient"`: d sqrt(x)/dx at 0 is inf, times 0)."""
+
+    name, weight, needs_logits = "probe", 1.0, False
+
+    def __init__(self, at: int, bad: str) -> None:
+        self.at, self.bad, self.calls = at, bad, 0
+
+    def __call__(self, model, batch, labels, out):
+        self.calls += 1
+        x = model.memory.initial_memory.sum() * 0
+        if self.calls < self.at:
+            return x
+        return x + float("nan") if self.bad == "loss" else x.sqrt()
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"), [("loss", "the probe is nan"), ("gradient", "the gradient norm is nan")]
+)
+def test_training_stops_mid_run_and_keeps_the_last_good_checkpoint(tmp_path, bad, problem):
+    model = tiny_hmt("llama")
+    config = quiet(save_every=1, grad_accum=2)
+    with pytest.raises(TrainingDiverged, match=f"training stopped at step 3: {problem}"):
+        train(model, RandomWindows(random_ids(1, 500)[0], 2, 0), config, tmp_path, auxiliary=FailsAt(5, bad))
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000001", "step-0000002"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the optimizer never stepped on it
+
+
+def test_resuming_from_a_checkpoint_holding_nan_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    stream = random_ids(1, 500)[0]
+    train(tiny_hmt("llama"), RandomWindows(stream, 2, 0), quiet(max_steps=2, save_every=2), tmp_path)
+    weights = checkpoint_dirs(tmp_path)[-1] / "trainable.safetensors"
+    tensors = load_file(weights)
+    tensors["memory.initial_memory"].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "hmt-checkpoint"})
+    with pytest.raises(
+        ValueError, match=r"trainable\.safetensors holds NaN or inf .*memory\.initial_memory.*delete"
+    ):
+        train(tiny_hmt("llama"), RandomWindows(stream, 2, 0), quiet(max_steps=4), tmp_path, resume=True)
 
 
 def test_training_flushes_subnormal_floats(tmp_path):

@@ -102,11 +102,33 @@ def test_resume_and_refusals(monkeypatch, capsys, tiny_model_dir, corpus, tmp_pa
         (["--mode", "hmt", "--text-every", "2"], "used only with recall tasks"),
         (["--mode", "hmt", "--answer-in-memory", "1"], "used only with recall tasks"),
         (["--mode", "hmt", "--task", "passkey", "--streaming"], "without --streaming"),
+        (["--mode", "hmt", "--lr", "nan", "--memory-lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--mode", "hmt", "--memory-lr", "0"], "--memory-lr must be a finite number > 0, got 0.0"),
+        (["--mode", "hmt", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_requests(monkeypatch, capsys, tiny_model_dir, corpus, tmp_path, extra, message):
     code, _, err = run_cli(monkeypatch, capsys, *train_args(tiny_model_dir, corpus, tmp_path / "r", *extra))
     assert code == 1 and message in err, err
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_adapter(
+    monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
+):
+    run = tmp_path / "run"
+    huge = ["--mode", "hmt", "--lr", "1e10", "--memory-lr", "1e10", "--warmup-steps", "0",
+            "--save-every", "1"]  # fmt: skip
+    code, _, err = run_cli(
+        monkeypatch, capsys, *train_args(tiny_model_dir, corpus, run, *huge, "--max-steps", "1")
+    )
+    assert code == 0, err  # one step at that rate: large weights, still finite
+    adapter = (run / "final" / "hmt_adapter.safetensors").read_bytes()
+    more = train_args(tiny_model_dir, corpus, run, *huge, "--max-steps", "4", "--resume")
+    code, _, err = run_cli(monkeypatch, capsys, *more)
+    assert code == 1 and "error: training stopped at step 2: the " in err and "is nan" in err, err
+    assert "try a lower --lr" in err and "Traceback" not in err
+    assert (run / "final" / "hmt_adapter.safetensors").read_bytes() == adapter
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]
 
 
 def test_stage2_refuses_an_unfinished_or_foreign_stage1(

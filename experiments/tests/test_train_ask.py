@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_main, tiny_tokenizer, word_text
-from experiments.train_ask import end_of_turn, main, student_answer_logits, tool
+from experiments.train_ask import cli, end_of_turn, main, student_answer_logits, tool
 from hmt.ask import encode
 
 TEMPLATE = (
@@ -167,6 +167,38 @@ def test_an_unknown_train_mode_is_refused(chat_model_dir, haystack, tmp_path, mo
         "--backbone", str(chat_model_dir), "--data", str(haystack), "--adapter", "none",
     )  # fmt: skip
     assert code != 0 and "--train is lora or memory" in err
+
+
+def test_learning_rates_must_be_finite_and_positive(tmp_path, monkeypatch, capsys):
+    for option, value in (("--lr", "nan"), ("--memory-lr", "0"), ("--memory-lr", "inf")):
+        code, _, err = run_main(monkeypatch, capsys, cli, "--out", str(tmp_path / "ask"), option, value)
+        assert code == 1 and f"error: {option} must be a finite number > 0" in err, err
+    assert not (tmp_path / "ask").exists()  # refused before anything was loaded or written
+
+
+def test_a_nan_loss_stops_training_in_one_line_and_keeps_the_last_adapter(
+    chat_model_dir, haystack, tmp_path, monkeypatch, capsys
+):
+    import experiments.train_ask as train_ask
+
+    calls, real_kl = [], train_ask.kl
+
+    def kl_nan_from_step_2(teacher, student):  # two KL terms a step: recall, voice
+        calls.append(1)
+        value = real_kl(teacher, student)
+        return value * float("nan") if len(calls) > 2 else value
+
+    monkeypatch.setattr(train_ask, "kl", kl_nan_from_step_2)
+    out = tmp_path / "ask"
+    command = [
+        "--out", str(out), "--backbone", str(chat_model_dir), "--data", str(haystack), "--adapter", "none",
+        "--save-every", "1", "--steps", "3", *options(SMALL), *options(FAST),
+    ]  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, cli, *command)
+    assert code == 1 and "error: training stopped at step 2: the loss is nan (try a lower --lr" in err, err
+    assert "Traceback" not in err
+    assert json.loads((out / "step.json").read_text()) == {"step": 1}
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "last").values())
 
 
 def test_the_teacher_ends_turns_at_im_end_else_at_eos():

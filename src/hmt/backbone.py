@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import platform
 import shutil
 import tempfile
@@ -228,15 +229,79 @@ def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    except OSError as err:
+    except Exception as err:
+        known = _load_error(location, err)
+        if known is None:
+            raise
+        raise known from err
+    return model, tokenizer
+
+
+def _load_error(location: str, err: Exception) -> ValueError | None:
+    """One line for a backbone transformers could not load (naming it and the fix), or None for an
+    error of another kind (left as it is)."""
+    unreadable = _unreadable_weights(location, err)
+    if unreadable is not None:
+        return unreadable
+    if isinstance(err, OSError):
         offline = " (the Hub is unreachable or HF_HUB_OFFLINE is set)" if _offline() else ""
-        raise ValueError(
+        return ValueError(
             f"unknown backbone {location!r}: not a local model folder or .gguf file, and not loadable from "
             f"the Hugging Face Hub{offline}. Original error: {str(err).splitlines()[0]}"
-        ) from err
-    except ValueError as err:
-        raise ValueError(f"{location} is not a causal language model transformers can load: {err}") from err
-    return model, tokenizer
+        )
+    if isinstance(err, ValueError):
+        return ValueError(f"{location} is not a causal language model transformers can load: {err}")
+    return None
+
+
+def _unreadable_weights(location: str, err: Exception) -> ValueError | None:
+    """One line for weights that could not be read — a corrupt safetensors file, or pickle weights
+    (pytorch_model.bin) that torch's weights-only loader refused or found corrupt — naming the folder
+    and the fix; None for an error of another kind."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, SafetensorError):
+        return ValueError(
+            f"the safetensors weights of the backbone {location} cannot be read (corrupt or truncated "
+            f"file?): {_first_line(err)}; download or save the backbone again"
+        )
+    if not _raised_by_torch_load(err):
+        return None
+    folder = Path(location)
+    pickles = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+    files = ", ".join(pickles) or "pickle files"
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        target = folder / "model.safetensors" if pickles else "model.safetensors beside them"
+        return ValueError(
+            f"the backbone in {location} keeps its weights as pickle ({files}) holding more than tensors, "
+            "which torch's safe (weights-only) loader refuses: convert them to safetensors — only if you "
+            "trust the file, read it with torch.load(FILE, weights_only=False) and write its tensors with "
+            f"safetensors.torch.save_file into {target} (hmt then reads that file)"
+        )
+    return ValueError(
+        f"the backbone in {location} keeps its weights as pickle ({files}), and torch cannot read them "
+        f"(corrupt or truncated file?): {_first_line(err) or type(err).__name__}; download the backbone "
+        "again, as safetensors (model.safetensors) where it is offered"
+    )
+
+
+def _raised_by_torch_load(err: BaseException) -> bool:
+    """Whether `err` was raised inside torch.load (reading a pickle weights file), whatever its type: a
+    damaged file fails as EOFError, IndexError, RuntimeError, UnpicklingError..."""
+    loader = Path(torch.serialization.__file__).parent
+    tb = err.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename)
+        if path.parent == loader and path.name in ("serialization.py", "_weights_only_unpickler.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's message (\"\" if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
 
 
 def _offline() -> bool:
@@ -377,6 +442,9 @@ def attach_lora(backbone: Any, directory: Path, trainable: bool, in_place: bool 
         ) from err
     from safetensors import SafetensorError
 
+    from hmt.finite import check_lora_file
+
+    check_lora_file(directory)  # before peft changes the backbone
     if not trainable and not in_place:
         backbone = copy.deepcopy(backbone)
     try:

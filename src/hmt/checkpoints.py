@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hmt.finite import check_finite_weights
 from hmt.io import load_tensors, read_json, save_tensors, write_text_atomic
 from hmt.memory import MemoryState
 
@@ -87,6 +88,11 @@ def load_latest_checkpoint(
     folder = found[-1]
     info = read_json(folder / DONE_FILE)
     tensors, _ = load_tensors(folder / "trainable.safetensors", WEIGHTS_FORMAT)
+    check_finite_weights(
+        tensors.items(),
+        folder / "trainable.safetensors",
+        f"delete {folder} to resume from the checkpoint before it, or start a new run",
+    )
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:

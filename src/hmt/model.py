@@ -42,8 +42,9 @@ from hmt.config import (
     HMTConfig,
     check_mode,
 )
+from hmt.finite import check_finite_weights
 from hmt.inputs import PackedInputs, pack_inputs
-from hmt.io import load_adapter_files, save_adapter_files
+from hmt.io import ADAPTER_NAME, load_adapter_files, save_adapter_files
 from hmt.memory import MemoryState
 from hmt.recall import MemoryParameters
 from hmt.scoring import TokenScores
@@ -614,6 +615,7 @@ class HMTForCausalLM(nn.Module):
         """
         directory = Path(directory)
         config, tensors = load_adapter_files(directory)
+        check_finite_weights(tensors.items(), directory / ADAPTER_NAME)
         given = {k: v for k, v in settings.items() if v is not None}
         # A field that adds parameters may be switched on for an adapter saved without it (fine-tuning).
         gained = [k for k in given if k in GAINED_FIELDS and getattr(config, k) is None]

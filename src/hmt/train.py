@@ -9,6 +9,7 @@ pure function of the step (and the lanes' saved positions), so a resumed run see
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ from hmt.checkpoints import load_latest_checkpoint, save_checkpoint
 from hmt.config import IGNORE_INDEX, MODES
 from hmt.data.batches import Batch, BatchSource
 from hmt.evaluate import EvalConfig, recall_stats, run_eval
+from hmt.finite import non_finite_names
 from hmt.model import HMTForCausalLM, HMTOutput
 
 MEMORY_ONLY_IN_HMT = (
@@ -94,8 +96,11 @@ class TrainConfig:
             raise ValueError("decay_every must be >= 1 and decay_factor in (0, 1]")
         if self.bptt_depth is not None and self.bptt_depth < 1:
             raise ValueError(f"bptt_depth must be >= 1, got {self.bptt_depth}")
-        if self.lr < 0 or self.memory_lr < 0 or self.max_grad_norm < 0:
-            raise ValueError("learning rates and max_grad_norm must be >= 0")
+        check_learning_rate("lr", self.lr)
+        check_learning_rate("memory_lr", self.memory_lr)
+        for name in ("weight_decay", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def unroll_at(self, step: int) -> int:
         """Segments per sample at an optimizer step (the curriculum)."""
@@ -111,6 +116,40 @@ class TrainConfig:
     @staticmethod
     def help(name: str) -> str:
         return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+def check_learning_rate(option: str, value: float) -> float:
+    """`value` if it is a finite number > 0, else a one-line ValueError naming `option` (NaN would train
+    every weight to NaN; 0 would train nothing)."""
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{option} must be a finite number > 0, got {value}: give e.g. 1e-4")
+    return value
+
+
+class TrainingDiverged(ValueError):
+    """Training met a non-finite loss or gradient norm and stopped before a non-finite weight was saved."""
+
+
+DIVERGED_ADVICE = "try a lower --lr or --memory-lr, or clip the gradients with --max-grad-norm"
+
+
+def diverged(step: int, problem: str, advice: str = DIVERGED_ADVICE) -> TrainingDiverged:
+    """The error for optimizer step `step` (counted from 1), `problem` saying what, e.g. "the loss is nan"."""
+    return TrainingDiverged(
+        f"training stopped at step {step}: {problem} ({advice}); nothing non-finite was saved"
+    )
+
+
+def non_finite(values: dict[str, float]) -> str | None:
+    """What is wrong with `values` (name -> value), e.g. "the loss is nan", or None if all are finite."""
+    return next((f"the {name} is {v}" for name, v in values.items() if not math.isfinite(v)), None)
+
+
+def check_finite_parameters(model: torch.nn.Module, step: int, advice: str = DIVERGED_ADVICE) -> None:
+    """Raise `diverged` if a trainable parameter holds NaN or inf (checked before anything is saved)."""
+    bad = non_finite_names((n, p.detach()) for n, p in model.named_parameters() if p.requires_grad)
+    if bad:
+        raise diverged(step, f"the trained weight {bad[0]} holds nan or inf", advice)
 
 
 def parse_unroll(text: str) -> list[tuple[int, int | None]]:
@@ -220,6 +259,7 @@ def train(
     out, grad_norm = None, None
 
     while step < config.max_steps:
+        problem: str | None = None  # a non-finite loss met in this step's micro-batches
         # Learning rates for this step: warmup, then step decay, for every parameter group.
         factor = lr_factor(step, config)
         for group in optimizer.param_groups:
@@ -249,22 +289,26 @@ def train(
                     raise ValueError(
                         "a training sample had no scored token; check the labels of the data source"
                     )
-                loss = out.loss
+                loss, values = out.loss, {"loss": float(out.loss.detach())}
                 term = auxiliary(model, batch, labels, out) if auxiliary is not None else None
                 if term is not None:
                     loss = loss + auxiliary.weight * term
-                    extra.append(float(term.detach()))
+                    values[auxiliary.name] = float(term.detach())
+                    extra.append(values[auxiliary.name])
+                problem = problem or non_finite(values)
                 out["logits"] = None  # (batch, window, vocab) when kept: not past this step
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-                    )
+                if accelerator.sync_gradients:
+                    if config.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+                        )
+                    _stop_if_diverged(accelerator, step + 1, problem, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if source.streaming:
                 state = out.state.detach()
-            losses.append(float(out.loss.detach()))
+            losses.append(values["loss"])
             read = int(batch.input_ids.numel()) * accelerator.num_processes
             interval_tokens += read
             tokens_seen += read
@@ -296,7 +340,11 @@ def train(
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
-        if step % config.save_every == 0 or step == config.max_steps:
+        stage_ends = step < config.max_steps and config.unroll_at(step) != config.unroll_at(step - 1)
+        saving = step % config.save_every == 0 or step == config.max_steps
+        if saving or (stage_ends and on_stage_end is not None):
+            check_finite_parameters(model, step)
+        if saving:
             save_checkpoint(
                 run_dir,
                 step,
@@ -308,10 +356,9 @@ def train(
                 config.keep_checkpoints,
                 accelerator,
             )
-        ended = config.unroll_at(step - 1)
-        if on_stage_end is not None and step < config.max_steps and config.unroll_at(step) != ended:
+        if on_stage_end is not None and stage_ends:
             if accelerator.is_main_process:
-                on_stage_end(step, ended)
+                on_stage_end(step, config.unroll_at(step - 1))
             accelerator.wait_for_everyone()
         if progress is not None:
             progress(step, config.max_steps, record)
@@ -324,6 +371,19 @@ def train(
         validation=next((r for r in reversed(history) if "val_ppl" in r), None),
         history=history,
     )
+
+
+def _stop_if_diverged(accelerator: Any, step: int, problem: str | None, grad_norm: Any) -> None:
+    """Before the optimizer step: raise `diverged` if this process met a non-finite loss, the gradient
+    norm is not finite, or (with several processes, which must all stop) another process met one."""
+    if problem is None and grad_norm is not None:
+        problem = non_finite({"gradient norm": float(grad_norm)})
+    if accelerator.num_processes > 1:  # every process takes part in the reduction
+        flag = torch.tensor([float(problem is not None)], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum")) > 0 and problem is None:
+            problem = "the loss on another process is not finite"
+    if problem is not None:
+        raise diverged(step, problem)
 
 
 def _on(tensor: torch.Tensor | None, device: Any) -> torch.Tensor | None:

@@ -141,8 +141,11 @@ def train_command(
     from hmt.backbone import quiet_transformers
     from hmt.cli.console import StepProgress
     from hmt.runs import FINAL_DIR, STAGE_PRESETS, RunSettings, train_run
-    from hmt.train import TrainConfig
+    from hmt.train import TrainConfig, check_learning_rate
 
+    for option, rate in (("--lr", lr), ("--memory-lr", memory_lr)):
+        if rate is not None:
+            check_learning_rate(option, rate)
     if stage is None and mode is None:
         raise ValueError(
             "say what to train: --stage 1, --stage 2 (with --init-from) or --mode rmt|hmt|backbone"
