@@ -26,13 +26,13 @@ def free_port() -> int:
 class Server:
     """`hmt serve` in a subprocess; start() waits until it answers."""
 
-    def __init__(self, model_dir, sessions) -> None:
+    def __init__(self, model_dir, sessions, **options: str) -> None:
         self.port = free_port()
+        settings = {"max-new-tokens": "64", "max-input-tokens": "3000", "max-request-mb": "0.05", **options}
         self.args = [
             sys.executable, "-m", "hmt.cli", "serve", "--backbone", str(model_dir), "--segment-length", "32",
             "--num-sensory", "4", "--port", str(self.port), "--sessions", str(sessions), "--api-key", KEY,
-            "--max-new-tokens", "64", "--max-input-tokens", "3000", "--max-request-mb", "0.05",
-            "--dtype", "fp32", "--device", "cpu",
+            "--dtype", "fp32", "--device", "cpu", *(f"--{k}={v}" for k, v in settings.items()),
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
 

@@ -74,6 +74,38 @@ class SegmentCache:
             return None
         return cls(model, sequences)
 
+    def merge(self, other: SegmentCache) -> bool:
+        """Append `other`'s rows (left-padding the shorter cache): rows join a batch being generated
+        without re-reading the others. False (nothing changed) for caches other than plain growing
+        key/value layers."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = [*self.cache.layers, *other.cache.layers]
+        if len(self.cache.layers) != len(other.cache.layers) or any(
+            type(x) is not DynamicLayer for x in layers
+        ):
+            return False
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = width - t.shape[dim]
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        return True
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` of the batch (rows that finished leave)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        self.mask, self.next_position = self.mask[index], self.next_position[index]
+
     def step(self, token: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Read one token per row (ignored for inactive rows); the logits after it (batch, vocab)."""
         self.mask = torch.cat([self.mask, active[:, None]], dim=1)
@@ -196,10 +228,11 @@ def _processors(config: GenerationConfig) -> LogitsProcessorList:
     return processors
 
 
-def _choose(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+def _choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     if not do_sample:
         return scores.argmax(dim=-1)
-    return torch.multinomial(torch.softmax(scores.float(), dim=-1), num_samples=1)[:, 0]
+    probabilities = torch.softmax(scores.float(), dim=-1)
+    return torch.multinomial(probabilities, num_samples=1, generator=generator)[:, 0]
 
 
 def _stop_strings(tokenizer: Any, stop_strings: str | list[str] | None) -> StopStringCriteria | None:

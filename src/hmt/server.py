@@ -5,134 +5,328 @@ events or not; an extra body field `session` continues a saved memory, `keep` sa
 it); GET /v1/sessions; POST /v1/sessions/{name}/read (a document into a memory) and
 /v1/sessions/{name}/ask; DELETE /v1/sessions/{name}. Chat completions and session asks answer through
 the ask path (`hmt.ask.ask`: the turn read as its own segment, then again opening the answer's);
-completions continue the raw text. Errors are OpenAI-style JSON with a 4xx status, never a traceback.
-One model call runs at a time (the others queue, off the event loop); requests to one session are
-serialised, so no request sees another's half-written memory.
+completions continue the raw text.
+
+Under load and attack: the model runs one job at a time on its own thread, behind a bounded queue (429
+with Retry-After when full); tokenising happens off the event loop; the body limit holds while a body
+streams in (chunked or not); a client that leaves stops its work within a token (nothing it asked to
+keep is saved); an error inside a stream arrives as an error event and `[DONE]`; every bad value is a
+4xx; errors name sessions, never the server's folders. Changes to a session hold its lock across
+processes (`SessionStore.lock`), so `hmt read --append` beside the server loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import inspect
 import json
+import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TextStreamer
 
-from hmt.ask import ask, ask_turn
+from hmt.ask import ask_turn, read_question
+from hmt.batching import Batch, Row
 from hmt.memory import MemoryState
-from hmt.sessions import SessionInfo, SessionStore, check_name
+from hmt.sessions import ModelMismatch, SessionInfo, SessionStore, check_name
+
+log = logging.getLogger("hmt.server")
+READ_CHUNK = 512  # tokens (rounded to whole segments) read per model call: decoding steps run between
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request may ask for."""
+    """What one request may ask for, and how many may wait for the model."""
 
     max_request_bytes: int = 8 * 2**20
     max_new_tokens: int = 1024
     max_input_tokens: int = 131072
+    max_queue: int = 32  # requests running or waiting for the model; more get 429
 
 
 class APIError(Exception):
     """An error answered as OpenAI-style JSON with `status`."""
 
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
-    ):
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.headers = headers or {}
+
+
+class Cancelled(Exception):
+    """The client left: its work stopped and nothing it asked to keep was saved."""
+
+
+@dataclass
+class Job:
+    """One request's work for the model thread; `cancel` is set when its client leaves."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_text: Callable[[str], None] | None = None  # streamed text, called from the model thread
+
+
+@dataclass
+class _Work:
+    """What the model thread does for one request: `exclusive` runs alone (a document read); a
+    generation is `prefill` (its prompt read: the row and its state join the batch), then `complete`
+    when the row leaves (its answer, saved if kept)."""
+
+    future: Future
+    exclusive: Callable[[], Any] | None = None
+    prefill: Callable[[Batch], tuple[Row, MemoryState]] | None = None
+    complete: Callable[[Row], Any] | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
-    """The model, its tokenizer and the sessions; runs one model call at a time."""
+    """The model, its tokenizer and the sessions. One thread runs the model: it decodes every request
+    being answered together (`hmt.batching.Batch`: rows join between steps and leave when done), and
+    runs document reads between steps; at most `limits.max_queue` requests wait or run."""
 
-    def __init__(self, model: Any, tokenizer: Any, identity: dict, store: SessionStore, name: str) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, identity: dict, store: SessionStore, name: str,
+        limits: ServerLimits | None = None,
+    ) -> None:  # fmt: skip
         self.model, self.tokenizer, self.identity, self.store, self.name = (
-            model,
-            tokenizer,
-            identity,
-            store,
-            name,
-        )
-        self.model_lock = threading.Lock()
-        self._session_locks: dict[str, asyncio.Lock] = {}
+            model, tokenizer, identity, store, name,
+        )  # fmt: skip
+        self.limits = limits or ServerLimits()
+        self._inbox: queue.Queue[_Work] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._queued = 0
+        self._seconds_per_job = 1.0  # a running mean, for Retry-After
+        self._read_seconds = self._decode_seconds = 0.0  # time shares while both run
+        self._session_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        eos = getattr(getattr(model.backbone, "generation_config", None), "eos_token_id", None)
+        self._eos = {eos} if isinstance(eos, int) else set(eos or [])
 
-    def session_lock(self, name: str) -> asyncio.Lock:
-        return self._session_locks.setdefault(name, asyncio.Lock())
+    # ---- admission and locks (event loop) --------------------------------------------------------
+
+    def check_room(self) -> None:
+        """429 with Retry-After when the model's queue is full."""
+        if self._queued >= self.limits.max_queue:
+            wait = max(1, round(self._seconds_per_job * self._queued / max(self.limits.max_queue, 1)))
+            raise APIError(
+                429, f"the server is busy ({self._queued} requests queued): retry in {wait} s",
+                "rate_limit_error", "server_busy", headers={"Retry-After": str(wait)},
+            )  # fmt: skip
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """A place in the model's queue, or 429 with Retry-After when the queue is full."""
+        self.check_room()
+        self._queued += 1
+        try:
+            yield
+        finally:
+            self._queued -= 1
+
+    @asynccontextmanager
+    async def session(self, name: str | None, write: bool) -> AsyncIterator[None]:
+        """Requests to one session in turn; a writer also holds the session's lock across processes."""
+        if name is None:
+            yield
+            return
+        lock = self._session_locks.get(name)
+        if lock is None:
+            lock = self._session_locks[name] = asyncio.Lock()
+        async with lock:
+            if not write:
+                yield
+                return
+            file_lock = self.store.lock(name)
+            while True:
+                try:
+                    file_lock.acquire(timeout=0)
+                    break
+                except TimeoutError:  # another process (hmt read --append) is changing it
+                    await asyncio.sleep(0.05)
+            try:
+                yield
+            finally:
+                file_lock.release()
+
+    async def run_alone(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the model's thread, between two decoding steps."""
+        return await self._submit(_Work(Future(), exclusive=work))
+
+    async def run_generation(
+        self, prefill: Callable[[Batch], tuple[Row, MemoryState]], complete: Callable[[Row], Any]
+    ) -> Any:
+        """Read a prompt (`prefill`), decode it in the batch, and return `complete(row)` once it is done."""
+        return await self._submit(_Work(Future(), prefill=prefill, complete=complete))
+
+    async def _submit(self, work: _Work) -> Any:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve_model, name="hmt-model", daemon=True)
+            self._thread.start()
+        self._inbox.put(work)
+        return await asyncio.wrap_future(work.future)
+
+    # ---- the model thread ------------------------------------------------------------------------
+
+    def _serve_model(self) -> None:
+        """Take work as it comes; decode the batch a step at a time while it has rows, and advance each
+        document being read by a chunk between steps."""
+        batch, owners, reading = Batch(self.model, self.tokenizer), {}, []
+        while True:
+            arrived = [self._inbox.get()] if not (batch.rows or reading) else []
+            while True:
+                try:
+                    arrived.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for work in arrived:
+                if work.exclusive is not None:
+                    self._settle(work, lambda work=work: self._begin(work, reading))
+                    continue
+                try:
+                    row, state = work.prefill(batch)
+                    batch.add(row, state)
+                    owners[id(row)] = work
+                except Exception as err:  # handed to the request that caused it
+                    work.future.set_exception(err)
+            for work, steps in list(reading) if self._reads_may_run(batch) else []:
+                try:
+                    started = time.perf_counter()
+                    next(steps)
+                    self._read_seconds += time.perf_counter() - started
+                except StopIteration as done:
+                    reading.remove((work, steps))
+                    self._settle(work, lambda value=done.value: value)
+                except Exception as err:  # handed to the request that caused it
+                    reading.remove((work, steps))
+                    self._settle(work, lambda err=err: _raise(err))
+            if not batch.rows:
+                continue
+            try:
+                started = time.perf_counter()
+                finished = batch.step()
+                self._decode_seconds += time.perf_counter() - started
+            except Exception as err:  # a failed step fails the rows in it
+                for row in batch.rows:
+                    owners.pop(id(row)).future.set_exception(err)
+                batch = Batch(self.model, self.tokenizer)
+                continue
+            for row in finished:
+                work = owners.pop(id(row))
+                self._settle(work, lambda work=work, row=row: work.complete(row))
+
+    def _reads_may_run(self, batch: Batch) -> bool:
+        """Documents being read get at most half the model's time while answers are being decoded."""
+        if not batch.rows:
+            self._read_seconds = self._decode_seconds = 0.0
+            return True
+        return self._read_seconds <= self._decode_seconds
+
+    def _begin(self, work: _Work, reading: list) -> Any:
+        """Run exclusive work; one that is a generator goes on a step at a time (`_PENDING`)."""
+        result = work.exclusive()
+        if inspect.isgenerator(result):
+            reading.append((work, result))
+            return _PENDING
+        return result
+
+    def _settle(self, work: _Work, run: Callable[[], Any]) -> None:
+        try:
+            result = run()
+            if result is _PENDING:
+                return
+            work.future.set_result(result)
+        except Exception as err:  # handed to the request that caused it
+            work.future.set_exception(err)
+        seconds = time.perf_counter() - work.queued_at
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
+
+    # ---- work done on the model thread -----------------------------------------------------------
 
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
 
     def load_session(self, name: str | None) -> tuple[MemoryState | None, SessionInfo | None]:
+        """A session's memory, checked against the model; errors name the session, not the folder."""
         if name is None:
             return None, None
         try:
-            check_name(name)
-            return self.store.load(name, self.identity, device=self.model.device)
-        except FileNotFoundError as err:
-            raise APIError(404, str(err), code="session_not_found") from None
-        except ValueError as err:
-            raise APIError(409 if "another model" in str(err) else 400, str(err)) from None
+            return self.store.load(name, self.identity, model=self.model)
+        except FileNotFoundError:
+            raise APIError(404, f"no session {name!r}: create it with POST /v1/sessions/{name}/read",
+                           code="session_not_found") from None  # fmt: skip
+        except ModelMismatch as err:
+            raise APIError(409, f"session {name!r} was made with another model (differs in "
+                           f"{', '.join(err.fields)}): read the text into a new session") from None  # fmt: skip
+        except ValueError as err:  # damaged records and memories: the message names the session only
+            raise APIError(409, str(err), code="session_unusable") from None
 
-    def read(self, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
-        with self.model_lock, torch.no_grad():
-            for start in range(0, ids.numel(), 4096):
-                state = self.model(ids[None, start : start + 4096], state=state, score=False).state
+    def read(self, ids: torch.Tensor, state: MemoryState | None, job: Job) -> MemoryState:
+        """Read `ids` (1-D) after `state`, a chunk per model call, stopping if the client leaves."""
+        reading = self.read_steps(ids, state, job)
+        while True:
+            try:
+                next(reading)
+            except StopIteration as done:
+                return done.value
+
+    def read_steps(
+        self, ids: torch.Tensor, state: MemoryState | None, job: Job
+    ) -> Generator[None, None, MemoryState]:
+        """`read` a chunk (whole segments: the same memory as one call) per step of the generator, so
+        the model thread decodes between chunks; returns the state."""
+        chunk = _whole_segments(READ_CHUNK, self.model.config.segment_length) or READ_CHUNK
+        with torch.no_grad():
+            for start in range(0, ids.numel(), chunk):
+                if job.cancel.is_set():
+                    raise Cancelled
+                state = self.model(ids[None, start : start + chunk], state=state, score=False).state
+                if start + chunk < ids.numel():
+                    yield
         return state
 
-    def generate(
-        self, ids: torch.Tensor, state: MemoryState | None, settings: dict, stops: list[str],
-        on_text: Callable[[str], None] | None = None,
-    ) -> tuple[str, Any, str]:  # fmt: skip
-        """Continue the raw text `ids`: (text cut at the first stop, the output, finish reason)."""
-        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
-        with self.model_lock:
-            out = self.model.generate(
-                ids[None], state=state, tokenizer=self.tokenizer, stop_strings=stops or None,
-                streamer=streamer, **settings,
-            )  # fmt: skip
-        return self._finish(out, settings, stops)
+    def start_completion(
+        self, batch: Batch, ids: torch.Tensor, state: MemoryState | None, job: Job
+    ) -> tuple[torch.Tensor, MemoryState]:
+        """Read the raw prompt `ids` after `state` (a long one a chunk at a time, at segment boundaries:
+        the same memory as one call); (the ids read last, the state to decode from)."""
+        head = _whole_segments(ids.numel() - 1, self.model.config.segment_length)
+        if head > 0:
+            state, ids = self.read(ids[:head], state, job), ids[head:]
+        return ids, batch.start(ids, state)
 
-    def ask(
-        self, messages: list[dict[str, str]], state: MemoryState | None, settings: dict, stops: list[str],
-        on_text: Callable[[str], None] | None = None,
-    ) -> tuple[str, Any, str]:  # fmt: skip
-        """Answer `messages` through the ask path (`hmt.ask.ask`); `stops` add to the turn's own.
-        (text cut at the first stop, the output, finish reason)."""
-        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
-        turn_stops = list(ask_turn(self.tokenizer, messages).stops)
-        with self.model_lock:
-            answer = ask(
-                self.model, self.tokenizer, messages, state, streamer=streamer, stop_strings=stops, **settings
-            )
-        return self._finish(answer.output, settings, [*turn_stops, *stops])
+    def start_answer(self, batch: Batch, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
+        """The ask path (`hmt.ask.ask`): the turn `ids` read as its own segment, then again opening the
+        answer's segment; the state to decode the answer from."""
+        return batch.start(ids, read_question(self.model, ids, state))
 
-    def _finish(self, out: Any, settings: dict, stops: list[str]) -> tuple[str, Any, str]:
-        """The text of `out` cut at the first stop (not stripped: what was streamed), and why it ended."""
-        text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
-        stopped = len(out.sequences[0]) < settings["max_new_tokens"]
+    def finish(self, row: Row, stops: list[str]) -> tuple[str, str]:
+        """The row's text cut at the first stop (not stripped: what was streamed), and why it ended."""
+        if row.finish == "cancelled":
+            raise Cancelled
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        stopped = row.finish == "stop"
         for stop in stops:
             if stop in text:
                 text, stopped = text.split(stop)[0], True
-        eos = (
-            self.model.backbone.generation_config.eos_token_id
-            if hasattr(self.model.backbone, "generation_config")
-            else None
-        )
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        stopped = stopped or (len(out.sequences[0]) > 0 and int(out.sequences[0, -1]) in eos_ids)
-        return text, out, "stop" if stopped else "length"
+        return text, "stop" if stopped else "length"
 
 
 class _CallbackStreamer(TextStreamer):
@@ -147,33 +341,79 @@ class _CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
+_PENDING = object()  # exclusive work that goes on between decoding steps
+
+
+def _raise(err: Exception) -> Any:
+    raise err
+
+
+def _whole_segments(tokens: int, segment_length: int) -> int:
+    """The most tokens, at most `tokens`, in whole multiples of the read chunk and of the segment."""
+    step = segment_length * max(1, READ_CHUNK // segment_length)
+    return (max(tokens, 0) // step) * step
+
+
 # ---- request bodies -----------------------------------------------------------------------------
+
+Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Strict(), Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+NewTokens = Annotated[int, Strict(), Field(ge=1)]
+Seed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**64)]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
 class SamplingBody(_Body):
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    session: str | None = None  # hmt: continue this saved memory
-    keep: bool = False  # hmt: save the exchange into the session
+    model: StrictStr | None = None
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    seed: Seed | None = None
+    session: StrictStr | None = None  # hmt: continue this saved memory
+    keep: StrictBool = False  # hmt: save the exchange into the session
+    # Accepted at their neutral values only (anything else is a 400, never silently ignored):
+    n: StrictInt | None = None
+    best_of: StrictInt | None = None
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Any] | None = None
+    suffix: StrictStr | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(SamplingBody):
-    prompt: str
+    prompt: StrictStr
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """The content as text (a list of parts: its text parts joined; other parts are a 400)."""
+        if isinstance(self.content, str):
+            return self.content
+        if not all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in self.content):
+            raise APIError(400, "messages: only text content parts are supported ({'type': 'text', ...})")
+        return "".join(p["text"] for p in self.content)
 
 
 class ChatBody(SamplingBody):
@@ -181,36 +421,26 @@ class ChatBody(SamplingBody):
 
 
 class ReadBody(_Body):
-    text: str
-    append: bool = True
+    text: StrictStr
+    append: StrictBool = True
 
 
 class AskBody(_Body):
-    question: str
-    max_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    keep: bool = False
+    question: StrictStr
+    max_tokens: NewTokens = 64
+    temperature: Temperature = 0.0
+    keep: StrictBool = False
 
 
 # ---- the app ------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
-    limits = limits or ServerLimits()
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    """The ASGI app serving `engine` (its limits), requiring `api_key` unless None."""
+    limits = engine.limits
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
     app = FastAPI(title="hmt", description="An OpenAI-compatible server over an HMT model with memories.")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                   "authentication_error", "invalid_api_key"))  # fmt: skip
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
-            return _error(APIError(413, f"request body over {limits.max_request_bytes:,} bytes"))
-        try:
-            return await call_next(request)
-        except APIError as err:
-            return _error(err)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError):
@@ -227,9 +457,14 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
             APIError(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None)
         )
 
+    @app.exception_handler(Cancelled)
+    async def client_left(_request: Request, _err: Cancelled):
+        return _error(APIError(499, "the client closed the request", code="client_closed_request"))
+
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, err: Exception):
-        return _error(APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
+        log.error("internal error", exc_info=err)
+        return _error(_internal())
 
     @app.get("/v1/models")
     async def models():
@@ -244,90 +479,146 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         return _model_card(engine)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await _complete(engine, limits, body, "text_completion", prompt=body.prompt)
+    async def completions(body: CompletionBody, request: Request):
+        return await _complete(engine, limits, request, body, "text_completion", prompt=body.prompt)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        messages = [m.model_dump() for m in body.messages]
-        return await _complete(engine, limits, body, "chat.completion", messages=messages)
+    async def chat(body: ChatBody, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return await _complete(engine, limits, request, body, "chat.completion", messages=messages)
 
     @app.get("/v1/sessions")
     async def sessions():
         return {"object": "list", "data": engine.store.names()}
 
     @app.post("/v1/sessions/{name}/read")
-    async def read(name: str, body: ReadBody):
+    async def read(name: str, body: ReadBody, request: Request):
         _check_session_name(name)
         if not body.text.strip():
             raise APIError(400, "text is empty: give the document to read")
-        ids = engine.encode(body.text)
+        _check_text(body.text, "text")
+        ids = await asyncio.to_thread(engine.encode, body.text)
         _check_input(ids, limits)
-        async with engine.session_lock(name):
+        job = Job()
+
+        def work() -> Generator[None, None, MemoryState]:
             state, info = None, SessionInfo(model=engine.identity)
             if engine.store.exists(name):
                 if not body.append:
                     raise APIError(409, f"session {name!r} exists: send append=true or delete it first")
                 state, info = engine.load_session(name)
-            state = await asyncio.to_thread(engine.read, ids, state)
+            state = yield from engine.read_steps(ids, state, job)
             info.sources.append("read")
             engine.store.save(name, state, info)
+            return state
+
+        async with engine.admitted(), engine.session(name, write=True), _watching(request, job):
+            state = await engine.run_alone(work)
         return {"session": name, "tokens_read": int(ids.numel()), "tokens": int(state.tokens.sum()),
                 "memories": int(state.num_memories.sum())}  # fmt: skip
 
     @app.post("/v1/sessions/{name}/ask")
-    async def ask(name: str, body: AskBody):
+    async def ask_session(name: str, body: AskBody, request: Request):
         _check_session_name(name)
         if not body.question.strip():
             raise APIError(400, "question is empty")
         messages = [{"role": "user", "content": body.question}]
-        request = ChatBody(messages=[ChatMessage(**m) for m in messages], session=name, keep=body.keep,
-                           max_tokens=body.max_tokens, temperature=body.temperature)  # fmt: skip
-        reply = await _complete(engine, limits, request, "chat.completion", messages=messages)
+        chat_body = ChatBody(messages=[ChatMessage(**m) for m in messages], session=name, keep=body.keep,
+                             max_tokens=body.max_tokens, temperature=body.temperature)  # fmt: skip
+        reply = await _complete(engine, limits, request, chat_body, "chat.completion", messages=messages)
         return {"session": name, "answer": reply["choices"][0]["message"]["content"], "usage": reply["usage"]}
 
     @app.delete("/v1/sessions/{name}")
     async def delete(name: str):
         _check_session_name(name)
-        async with engine.session_lock(name):
+        async with engine.session(name, write=True):
             try:
                 engine.store.delete(name)
-            except FileNotFoundError as err:
-                raise APIError(404, str(err), code="session_not_found") from None
+            except FileNotFoundError:
+                raise APIError(404, f"no session {name!r}", code="session_not_found") from None
         return {"session": name, "deleted": True}
 
-    return app
+    return _Guard(app, api_key, limits.max_request_bytes)  # type: ignore[return-value]
+
+
+class _Guard:
+    """ASGI middleware in front of the app: the API key (compared in constant time) and the body limit,
+    enforced while the body streams in, whatever its framing (Content-Length or chunked)."""
+
+    def __init__(self, app: FastAPI, api_key: str | None, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    def __getattr__(self, name: str) -> Any:  # the FastAPI app's own attributes (routes, state, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self.expected
+        ):
+            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                             "authentication_error", "invalid_api_key")  # fmt: skip
+            return await _error(error)(scope, receive, send)
+        too_big = APIError(413, f"request body over {self.max_bytes:,} bytes")
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(too_big)(scope, receive, send)
+        pieces, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            pieces.append(message.get("body", b""))
+            size += len(pieces[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await _error(too_big)(scope, receive, send)
+        body, sent = b"".join(pieces), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: waits for the client to leave
+
+        return await self.app(scope, replay, send)
+
+
+@asynccontextmanager
+async def _watching(request: Request, job: Job) -> AsyncIterator[None]:
+    """While the block runs, watch for the client leaving and cancel `job` when it does."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        job.cancel.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 async def _complete(
-    engine: Engine, limits: ServerLimits, body: SamplingBody, kind: str, *, prompt: str | None = None,
-    messages: list[dict[str, str]] | None = None,
+    engine: Engine, limits: ServerLimits, request: Request, body: SamplingBody, kind: str, *,
+    prompt: str | None = None, messages: list[dict[str, str]] | None = None,
 ):  # fmt: skip
     """A completion of the raw text `prompt`, or an answer to chat `messages` through the ask path, streamed
     or whole, continuing body.session if given."""
-    if body.model is not None and body.model != engine.name:
-        raise APIError(
-            404, f"no model {body.model!r}: this server serves {engine.name!r}", code="model_not_found"
-        )
-    if body.keep and body.session is None:
-        raise APIError(400, "keep saves into a session: give session")
+    _check_sampling(body, engine, limits)
     if body.session is not None:
         _check_session_name(body.session)
     new = body.max_completion_tokens or body.max_tokens or 16
-    if new > limits.max_new_tokens:
-        raise APIError(400, f"max_tokens {new} is over this server's limit of {limits.max_new_tokens}")
-    turn_stops: list[str] = []
-    if messages is not None:  # the ask path: the chat turn (read twice), its own stop strings
-        try:
-            turn = ask_turn(engine.tokenizer, messages)
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
-        prompt, turn_stops = turn.text, list(turn.stops)
-    ids = engine.encode(prompt or "")
-    if ids.numel() == 0:
-        raise APIError(400, "the prompt is empty")
-    _check_input(ids, limits)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    for text in [prompt or "", *stops, *(m["content"] for m in messages or [])]:
+        _check_text(text, "the request's text")
+    ids, turn_stops = await asyncio.to_thread(_prepare, engine, prompt, messages)
+    _check_input(ids, limits)
     settings: dict[str, Any] = {"max_new_tokens": new, "do_sample": body.temperature > 0}
     if body.temperature > 0:
         settings.update(temperature=body.temperature, top_p=body.top_p, top_k=None)
@@ -335,98 +626,188 @@ async def _complete(
         int(time.time()),
         f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
     )
-    lock = engine.session_lock(body.session) if body.session is not None else None
+    job = Job()
+    all_stops = [*turn_stops, *stops]
+    info_of: dict[str, SessionInfo | None] = {}
 
-    async def run(on_text: Callable[[str], None] | None):
-        if body.seed is not None:
-            torch.manual_seed(body.seed)
-        state, info = engine.load_session(body.session)
+    def prefill(batch: Batch) -> tuple[Row, MemoryState]:
+        if job.cancel.is_set():  # the client left while this waited in the queue
+            raise Cancelled
+        state, info_of["info"] = engine.load_session(body.session)
         if messages is not None:
-            answer = await asyncio.to_thread(engine.ask, messages, state, settings, stops, on_text)
+            prompt_ids, state = ids, engine.start_answer(batch, ids, state)
         else:
-            answer = await asyncio.to_thread(engine.generate, ids, state, settings, stops, on_text)
-        text_out, out, finish = answer
+            prompt_ids, state = engine.start_completion(batch, ids, state, job)
+        streamer = _CallbackStreamer(engine.tokenizer, job.on_text) if job.on_text is not None else None
+        row = Row(prompt_ids=prompt_ids, settings=settings, stop_strings=tuple(all_stops), seed=body.seed,
+                  streamer=streamer, cancel=job.cancel)  # fmt: skip
+        return row, state
+
+    def complete(row: Row) -> tuple[str, str, dict]:
+        text_out, finish = engine.finish(row, all_stops)
         if body.keep:
-            engine.store.save(body.session, out.state, info)
-        usage = {"prompt_tokens": int(ids.numel()), "completion_tokens": int(out.sequences.shape[1]),
-                 "total_tokens": int(ids.numel() + out.sequences.shape[1])}  # fmt: skip
+            engine.store.save(body.session, row.state, info_of["info"])
+        usage = {"prompt_tokens": int(ids.numel()), "completion_tokens": len(row.tokens),
+                 "total_tokens": int(ids.numel()) + len(row.tokens)}  # fmt: skip
         return text_out, finish, usage
 
+    async def run() -> tuple[str, str, dict]:
+        async with engine.admitted(), engine.session(body.session, write=body.keep):
+            return await engine.run_generation(prefill, complete)
+
     if not body.stream:
-        if lock is not None:
-            async with lock:
-                text_out, finish, usage = await run(None)
-        else:
-            text_out, finish, usage = await run(None)
+        async with _watching(request, job):
+            text_out, finish, usage = await run()
         choice = ({"index": 0, "message": {"role": "assistant", "content": text_out}, "finish_reason": finish}
                   if kind == "chat.completion" else
                   {"index": 0, "text": text_out, "finish_reason": finish, "logprobs": None})  # fmt: skip
         return {"id": reply_id, "object": kind, "created": created, "model": engine.name, "choices": [choice],
                 "usage": usage}  # fmt: skip
 
-    if lock is not None and body.session is not None:
-        engine.load_session(body.session)  # an unknown session is a 404 before the stream starts
-    return StreamingResponse(_stream(run, lock, kind, reply_id, created, engine.name, [*turn_stops, *stops]),
-                             media_type="text/event-stream")  # fmt: skip
+    if body.session is not None:  # an unknown or unusable session is an error before the stream starts
+        await asyncio.to_thread(engine.load_session, body.session)
+    engine.check_room()  # a full queue is a 429 before the stream starts
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    events = _Events(kind, reply_id, created, engine.name, include_usage)
+    return StreamingResponse(_stream(run, job, events, all_stops), media_type="text/event-stream")
 
 
-async def _stream(run, lock, kind, reply_id, created, model_name, stops) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per piece of text, the finish reason, then [DONE]."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+def _prepare(
+    engine: Engine, prompt: str | None, messages: list[dict[str, str]] | None
+) -> tuple[torch.Tensor, list[str]]:
+    """The ids to read (the raw prompt, or the chat turn the ask path reads) and the turn's stops."""
+    turn_stops: list[str] = []
+    if messages is not None:
+        try:
+            turn = ask_turn(engine.tokenizer, messages)
+        except Exception as err:  # a template that refuses the messages (roles, order): the client's error
+            raise APIError(400, f"messages: {err}") from None
+        prompt, turn_stops = turn.text, list(turn.stops)
+    ids = engine.encode(prompt or "")
+    if ids.numel() == 0:
+        raise APIError(400, "the prompt is empty")
+    return ids, turn_stops
 
-    def event(delta: str | None, finish: str | None = None, first: bool = False) -> str:
-        if kind == "chat.completion":
+
+@dataclass
+class _Events:
+    """Server-sent events in OpenAI's chunk format."""
+
+    kind: str
+    reply_id: str
+    created: int
+    model_name: str
+    include_usage: bool
+
+    def chunk(self, delta: str | None, finish: str | None = None, first: bool = False) -> str:
+        if self.kind == "chat.completion":
             content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
             choice = {"index": 0, "delta": content, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        data = {
-            "id": reply_id,
-            "object": chunk_kind,
-            "created": created,
-            "model": model_name,
-            "choices": [choice],
-        }
+        return self._event([choice])
+
+    def usage(self, usage: dict) -> str:
+        return self._event([], usage=usage)
+
+    def _event(self, choices: list, **extra: Any) -> str:
+        kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        data = {"id": self.reply_id, "object": kind, "created": self.created, "model": self.model_name,
+                "choices": choices, **extra}  # fmt: skip
         return f"data: {json.dumps(data)}\n\n"
+
+
+async def _stream(run, job: Job, events: _Events, stops: list[str]) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, the finish reason, [DONE]; an error inside the
+    stream is an error event, then [DONE]. A client that leaves cancels the job."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    job.on_text = lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)
 
     async def produce():
         try:
-            if lock is not None:
-                async with lock:
-                    return await run(lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
-            return await run(lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
+            return await run()
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     task = asyncio.create_task(produce())
-    if kind == "chat.completion":
-        yield event(None, first=True)
-    total, sent = "", 0
-    longest = max((len(s) for s in stops), default=0)
-    while (piece := await queue.get()) is not None:
-        total += piece
-        found = [total.find(s) for s in stops if s in total]
-        # Hold back what could still turn out to be the start of a stop string.
-        limit = min(found) if found else len(total) - max(longest - 1, 0)
-        if limit > sent:
-            yield event(total[sent:limit])
-            sent = limit
+    task.add_done_callback(_consume)
+    finished = False
     try:
-        text_out, finish, _ = await task
-    except APIError as err:
-        yield f"data: {json.dumps({'error': _error_body(err)})}\n\n"
-        return
-    rest = text_out[sent:]
-    if rest:
-        yield event(rest)
-    yield event(None, finish=finish)
-    yield "data: [DONE]\n\n"
+        if events.kind == "chat.completion":
+            yield events.chunk(None, first=True)
+        total, sent = "", 0
+        longest = max((len(s) for s in stops), default=0)
+        while (piece := await queue.get()) is not None:
+            total += piece
+            found = [total.find(s) for s in stops if s in total]
+            # Hold back what could still turn out to be the start of a stop string.
+            limit = min(found) if found else len(total) - max(longest - 1, 0)
+            if limit > sent:
+                yield events.chunk(total[sent:limit])
+                sent = limit
+        try:
+            text_out, finish, usage = await task
+        except APIError as err:
+            yield f"data: {json.dumps({'error': _error_body(err)})}\n\n"
+        except Exception as err:
+            log.error("internal error in a stream", exc_info=err)
+            yield f"data: {json.dumps({'error': _error_body(_internal())})}\n\n"
+        else:
+            if text_out[sent:]:
+                yield events.chunk(text_out[sent:])
+            yield events.chunk(None, finish=finish)
+            if events.include_usage:
+                yield events.usage(usage)
+        yield "data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:  # the client left (the generator was cancelled or closed)
+            job.cancel.set()
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieve a background task's exception (a cancelled job's), so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _model_card(engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": 0, "owned_by": "hmt"}
+
+
+def _check_sampling(body: SamplingBody, engine: Engine, limits: ServerLimits) -> None:
+    """Refuse (400) what this server does not do, rather than ignore it."""
+    if body.model is not None and body.model != engine.name:
+        raise APIError(
+            404, f"no model {body.model!r}: this server serves {engine.name!r}", code="model_not_found"
+        )
+    if body.keep and body.session is None:
+        raise APIError(400, "keep saves into a session: give session")
+    new = body.max_completion_tokens or body.max_tokens or 16
+    if new > limits.max_new_tokens:
+        raise APIError(400, f"max_tokens {new} is over this server's limit of {limits.max_new_tokens}")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "stop: up to 4 non-empty strings")
+    unsupported = {
+        "n": body.n not in (None, 1),
+        "best_of": body.best_of not in (None, 1),
+        "logprobs": body.logprobs not in (None, False, 0) or body.top_logprobs not in (None, 0),
+        "echo": bool(body.echo),
+        "presence_penalty": body.presence_penalty not in (None, 0),
+        "frequency_penalty": body.frequency_penalty not in (None, 0),
+        "logit_bias": bool(body.logit_bias),
+        "suffix": bool(body.suffix),
+        "tools": bool(body.tools or body.functions) or body.tool_choice not in (None, "none", "auto"),
+        "response_format": body.response_format not in (None, {"type": "text"}),
+    }
+    refused = [name for name, asked in unsupported.items() if asked]
+    if refused:
+        raise APIError(
+            400, f"not supported by this server: {', '.join(refused)} (one greedy or sampled choice of text; "
+            "send n=1 and leave the others out)", code="unsupported_parameter",
+        )  # fmt: skip
 
 
 def _check_session_name(name: str) -> None:
@@ -434,6 +815,13 @@ def _check_session_name(name: str) -> None:
         check_name(name)
     except ValueError as err:
         raise APIError(400, str(err)) from None
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{what} is not valid Unicode (a lone surrogate?): send UTF-8 text") from None
 
 
 def _check_input(ids: torch.Tensor, limits: ServerLimits) -> None:
@@ -448,9 +836,13 @@ def _describe(error: dict) -> str:
     return f"{where or 'body'}: {error.get('msg', 'invalid')}"
 
 
+def _internal() -> APIError:
+    return APIError(500, "internal error (the server logged it)", "server_error")
+
+
 def _error_body(err: APIError) -> dict:
     return {"message": err.message, "type": err.kind, "code": err.code}
 
 
 def _error(err: APIError) -> JSONResponse:
-    return JSONResponse({"error": _error_body(err)}, status_code=err.status)
+    return JSONResponse({"error": _error_body(err)}, status_code=err.status, headers=err.headers)
