@@ -47,7 +47,8 @@ from hmt.memory import MemoryState
 from hmt.sessions import ModelMismatch, SessionInfo, SessionStore, check_name
 
 log = logging.getLogger("hmt.server")
-READ_CHUNK = 512  # tokens (rounded to whole segments) read per model call: decoding steps run between
+READ_CHUNK = 256  # tokens (rounded to whole segments) read per model call: decoding steps run between
+READ_SHARE = 0.25  # the most of the model's time documents being read take while answers are decoded
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,11 @@ class Engine:
                     self._settle(work, lambda work=work: self._begin(work, reading))
                     continue
                 try:
+                    started = time.perf_counter()
                     row, state = work.prefill(batch)
                     batch.add(row, state)
                     owners[id(row)] = work
+                    self._decode_seconds += time.perf_counter() - started
                 except Exception as err:  # handed to the request that caused it
                     work.future.set_exception(err)
             for work, steps in list(reading) if self._reads_may_run(batch) else []:
@@ -232,11 +235,12 @@ class Engine:
                 self._settle(work, lambda work=work, row=row: work.complete(row))
 
     def _reads_may_run(self, batch: Batch) -> bool:
-        """Documents being read get at most half the model's time while answers are being decoded."""
+        """Documents being read get at most a quarter of the model's time while answers are being read
+        and decoded (`READ_SHARE`): answers are interactive, reads are bulk work."""
         if not batch.rows:
             self._read_seconds = self._decode_seconds = 0.0
             return True
-        return self._read_seconds <= self._decode_seconds
+        return self._read_seconds * (1 - READ_SHARE) <= self._decode_seconds * READ_SHARE
 
     def _begin(self, work: _Work, reading: list) -> Any:
         """Run exclusive work; one that is a generator goes on a step at a time (`_PENDING`)."""
