@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint demo needle bench clean
+.PHONY: install test test-slow lint demo needle bench serve-load clean
 
 install: $(STAMP)
 
@@ -28,8 +28,16 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check src tests examples experiments
-	$(VENV)/bin/ruff format --check src tests examples experiments
+	$(VENV)/bin/ruff check src tests examples experiments benchmarks
+	$(VENV)/bin/ruff format --check src tests examples experiments benchmarks
+
+# hmt serve under load (docs/serve.md): 8 clients for 5 minutes on a tiny random model (what is measured
+# is the server), then 2 clients on the default backbone with the shipped adapter. About 13 minutes.
+SERVE_LOAD_OUT ?= runs/serve-load
+serve-load: install
+	$(PY) -m benchmarks.tiny_model $(SERVE_LOAD_OUT)/tiny-llama
+	-$(PY) -m benchmarks.serve_load --backbone $(SERVE_LOAD_OUT)/tiny-llama --clients 8 --duration 300 --out $(SERVE_LOAD_OUT)/tiny.json -- --segment-length 32 --num-sensory 4 --dtype fp32 --threads 1
+	-$(PY) -m benchmarks.serve_load --clients 2 --duration 300 --out $(SERVE_LOAD_OUT)/default.json
 
 # The main job, on held-out text with the default backbone (SmolLM2-135M) and the shipped HMT adapter:
 # 1. perplexity on the first 8,192 tokens of the essays' test split: hmt and the sliding window (with the
