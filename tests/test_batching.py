@@ -120,3 +120,16 @@ def test_streamers_see_the_prompt_then_each_token_then_the_end():
     batch.add(row, batch.start(prompt, None))
     run_until_done(batch, {})
     assert seen == [[prompt.tolist()], *([t] for t in row.tokens), "end"]
+
+
+@pytest.mark.parametrize("end_segment", [False, True])
+def test_prompts_read_together_leave_each_row_as_if_read_alone(end_segment):
+    model = tiny_hmt("llama", segment_length=8, num_sensory=2).eval()
+    with torch.no_grad():
+        read = model(random_ids(1, 13, seed=3)).state
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 11, 6)]
+    befores = [None, read, read]
+    batch = Batch(model)
+    together = batch.start_many(prompts, befores, end_segment=end_segment)
+    for prompt, before, state in zip(prompts, befores, together, strict=True):
+        assert_same_state(state, batch.start(prompt, before, end_segment=end_segment))

@@ -86,6 +86,28 @@ class Batch:
                 score=False,
             ).state  # fmt: skip
 
+    def start_many(
+        self, prompts: list[torch.Tensor], states: list[MemoryState | None], end_segment: bool = False
+    ) -> list[MemoryState]:
+        """`start` for several rows in one forward pass (right-padded; each row's state as if alone)."""
+        if len(prompts) == 1:
+            return [self.start(prompts[0], states[0], end_segment)]
+        from hmt.memory import MemoryState
+
+        device = self.model.device
+        stacked = MemoryState.stack(
+            [s.to(device) if s is not None else self.model.empty_state(1) for s in states]
+        )
+        width = max(len(ids) for ids in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)], mask[i, : len(prompt)] = prompt.to(device), 1
+        with torch.no_grad(), eval_mode(self.model):
+            out = self.model(ids, attention_mask=mask, state=stacked, mode=self.mode, end_segment=end_segment,
+                             score=False).state  # fmt: skip
+        return [out.select([i]).compact() for i in range(len(prompts))]
+
     def add(self, row: Row, state: MemoryState) -> None:
         """Let `row` join, with `state` (batch 1) after its prompt (`start`)."""
         config = _generation_config(self.model, None, dict(row.settings))

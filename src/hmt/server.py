@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TextStreamer
 
-from hmt.ask import ask_turn, read_question
+from hmt.ask import ask_turn
 from hmt.batching import Batch, Row
 from hmt.memory import MemoryState
 from hmt.sessions import ModelMismatch, SessionInfo, SessionStore, check_name
@@ -86,14 +86,26 @@ class Job:
 
 
 @dataclass
+class Prompt:
+    """A generation ready to be read: the row, the ids to read before it decodes, the memory before
+    them, and whether they are a chat turn (the ask path reads it first as its own segment)."""
+
+    row: Row
+    ids: torch.Tensor
+    state: MemoryState | None
+    turn: bool
+
+
+@dataclass
 class _Work:
     """What the model thread does for one request: `exclusive` runs alone (a document read); a
-    generation is `prefill` (its prompt read: the row and its state join the batch), then `complete`
-    when the row leaves (its answer, saved if kept)."""
+    generation is `prepare`d (its session loaded), its prompt read together with those of the requests
+    that arrived with it, and it joins the batch; `complete` runs when its row leaves (the answer, saved
+    if kept)."""
 
     future: Future
     exclusive: Callable[[], Any] | None = None
-    prefill: Callable[[Batch], tuple[Row, MemoryState]] | None = None
+    prepare: Callable[[], Prompt] | None = None
     complete: Callable[[Row], Any] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -170,11 +182,9 @@ class Engine:
         """Run `work` on the model's thread, between two decoding steps."""
         return await self._submit(_Work(Future(), exclusive=work))
 
-    async def run_generation(
-        self, prefill: Callable[[Batch], tuple[Row, MemoryState]], complete: Callable[[Row], Any]
-    ) -> Any:
-        """Read a prompt (`prefill`), decode it in the batch, and return `complete(row)` once it is done."""
-        return await self._submit(_Work(Future(), prefill=prefill, complete=complete))
+    async def run_generation(self, prepare: Callable[[], Prompt], complete: Callable[[Row], Any]) -> Any:
+        """Read a prompt (from `prepare`), decode it in the batch, and return `complete(row)` when done."""
+        return await self._submit(_Work(Future(), prepare=prepare, complete=complete))
 
     async def _submit(self, work: _Work) -> Any:
         if self._thread is None or not self._thread.is_alive():
@@ -199,15 +209,9 @@ class Engine:
             for work in arrived:
                 if work.exclusive is not None:
                     self._settle(work, lambda work=work: self._begin(work, reading))
-                    continue
-                try:
-                    started = time.perf_counter()
-                    row, state = work.prefill(batch)
-                    batch.add(row, state)
-                    owners[id(row)] = work
-                    self._decode_seconds += time.perf_counter() - started
-                except Exception as err:  # handed to the request that caused it
-                    work.future.set_exception(err)
+            started = time.perf_counter()
+            self._join([w for w in arrived if w.prepare is not None], batch, owners)
+            self._decode_seconds += time.perf_counter() - started
             for work, steps in list(reading) if self._reads_may_run(batch) else []:
                 try:
                     started = time.perf_counter()
@@ -233,6 +237,36 @@ class Engine:
             for row in finished:
                 work = owners.pop(id(row))
                 self._settle(work, lambda work=work, row=row: work.complete(row))
+
+    def _join(self, works: list[_Work], batch: Batch, owners: dict) -> None:
+        """Read the prompts of the generations that arrived together in one forward pass (two for chat
+        turns: the ask path), and let their rows join the batch."""
+        prompts = []
+        for work in works:
+            try:
+                prompts.append((work, work.prepare()))
+            except Exception as err:  # handed to the request that caused it
+                work.future.set_exception(err)
+        if not prompts:
+            return
+        try:
+            states = [p.state for _, p in prompts]
+            turns = [i for i, (_, p) in enumerate(prompts) if p.turn]
+            if turns:  # the ask path: the turn first as its own segment
+                read = batch.start_many([prompts[i][1].ids for i in turns], [states[i] for i in turns], True)
+                for i, state in zip(turns, read, strict=True):
+                    states[i] = state
+            states = batch.start_many([p.ids for _, p in prompts], states)
+        except Exception as err:  # a failed read fails the requests in it
+            for work, _ in prompts:
+                work.future.set_exception(err)
+            return
+        for (work, prompt), state in zip(prompts, states, strict=True):
+            try:
+                batch.add(prompt.row, state)
+                owners[id(prompt.row)] = work
+            except Exception as err:  # handed to the request that caused it
+                work.future.set_exception(err)
 
     def _reads_may_run(self, batch: Batch) -> bool:
         """Documents being read get at most a quarter of the model's time while answers are being read
@@ -305,21 +339,6 @@ class Engine:
                 if start + chunk < ids.numel():
                     yield
         return state
-
-    def start_completion(
-        self, batch: Batch, ids: torch.Tensor, state: MemoryState | None, job: Job
-    ) -> tuple[torch.Tensor, MemoryState]:
-        """Read the raw prompt `ids` after `state` (a long one a chunk at a time, at segment boundaries:
-        the same memory as one call); (the ids read last, the state to decode from)."""
-        head = _whole_segments(ids.numel() - 1, self.model.config.segment_length)
-        if head > 0:
-            state, ids = self.read(ids[:head], state, job), ids[head:]
-        return ids, batch.start(ids, state)
-
-    def start_answer(self, batch: Batch, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
-        """The ask path (`hmt.ask.ask`): the turn `ids` read as its own segment, then again opening the
-        answer's segment; the state to decode the answer from."""
-        return batch.start(ids, read_question(self.model, ids, state))
 
     def finish(self, row: Row, stops: list[str]) -> tuple[str, str]:
         """The row's text cut at the first stop (not stripped: what was streamed), and why it ended."""
@@ -634,18 +653,19 @@ async def _complete(
     all_stops = [*turn_stops, *stops]
     info_of: dict[str, SessionInfo | None] = {}
 
-    def prefill(batch: Batch) -> tuple[Row, MemoryState]:
+    def prepare() -> Prompt:
         if job.cancel.is_set():  # the client left while this waited in the queue
             raise Cancelled
         state, info_of["info"] = engine.load_session(body.session)
-        if messages is not None:
-            prompt_ids, state = ids, engine.start_answer(batch, ids, state)
-        else:
-            prompt_ids, state = engine.start_completion(batch, ids, state, job)
+        prompt_ids = ids
+        if messages is None:  # a long raw prompt: all but its last chunk read first, a chunk at a time
+            head = _whole_segments(ids.numel() - 1, engine.model.config.segment_length)
+            if head > 0:
+                state, prompt_ids = engine.read(ids[:head], state, job), ids[head:]
         streamer = _CallbackStreamer(engine.tokenizer, job.on_text) if job.on_text is not None else None
         row = Row(prompt_ids=prompt_ids, settings=settings, stop_strings=tuple(all_stops), seed=body.seed,
                   streamer=streamer, cancel=job.cancel)  # fmt: skip
-        return row, state
+        return Prompt(row, prompt_ids, state, turn=messages is not None)
 
     def complete(row: Row) -> tuple[str, str, dict]:
         text_out, finish = engine.finish(row, all_stops)
@@ -657,7 +677,7 @@ async def _complete(
 
     async def run() -> tuple[str, str, dict]:
         async with engine.admitted(), engine.session(body.session, write=body.keep):
-            return await engine.run_generation(prefill, complete)
+            return await engine.run_generation(prepare, complete)
 
     if not body.stream:
         async with _watching(request, job):
