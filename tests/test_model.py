@@ -571,3 +571,28 @@ def test_recall_starts_as_a_similarity_search():
     assert similar.memory.key_proj.weight is not similar.memory.query_proj.weight  # tied at the start only
     independent = tiny_hmt("llama", recall_init="independent")
     assert not torch.allclose(independent.memory.key_proj.weight, independent.memory.query_proj.weight)
+
+
+def test_to_dtype_after_wrapping_reads_as_a_model_built_on_that_dtype():
+    """model.to(torch.bfloat16) converts the backbone as transformers would; HMT's own parameters only
+    move device and stay float32, unrounded: the same as wrapping a bfloat16 backbone."""
+    import copy
+
+    from hmt import HMTForCausalLM
+
+    model = tiny_hmt("llama")
+    weights = {k: v.clone() for k, v in model.memory.state_dict().items()}
+    built = HMTForCausalLM(copy.deepcopy(model.backbone).to(torch.bfloat16), model.config, mode=model.mode)
+    built.memory.load_state_dict(weights)
+    converted = model.to(torch.bfloat16)
+    assert converted is model and model.dtype == torch.bfloat16
+    assert all(
+        torch.equal(weights[k], v) and v.dtype == torch.float32 for k, v in model.memory.state_dict().items()
+    )
+    ids = random_ids(1, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).state.memories, built(ids).state.memories)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=5).sequences, built.generate(ids, max_new_tokens=5).sequences
+    )
+    assert model.float().dtype == torch.float32

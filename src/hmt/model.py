@@ -155,6 +155,24 @@ class HMTForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.memory.summary_prompt.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's dtype (HMT's own parameters stay float32 whatever it is)."""
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HMTForCausalLM:
+        """`.to(dtype/device)`, `.half()`, `.cuda()` ... as on any module, except that HMT's own parameters
+        only move device: they stay float32 (`recall.MemoryParameters`), never rounded through the
+        backbone's dtype."""
+        memory = self._modules.pop("memory")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["memory"] = memory
+        target = fn(torch.zeros((), device=self.device))  # where and in what the conversion puts a tensor
+        memory._apply(lambda t: t.to(device=target.device), recurse)
+        return self
+
     @contextmanager
     def reading(self, **changes: int | None) -> Iterator[HMTForCausalLM]:
         """Read with other reading settings (READING_FIELDS: segment_length, num_sensory, cache_size, ...) inside the block;
