@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -156,3 +158,39 @@ def test_bad_generation_arguments_are_named():
         model.generate(prompt, stop_strings=["\n"])
     with pytest.raises(ValueError, match="causal recall query"):
         tiny_hmt("llama", recall_query="paper").generate(prompt, max_new_tokens=2)
+
+
+def test_min_new_tokens_and_no_repeat_ngram_size_are_carried_out():
+    model = tiny_hmt("llama").eval()
+    prompt = random_ids(1, 6, seed=2)
+    first = int(model.generate(prompt, max_new_tokens=1, do_sample=False).sequences[0, 0])
+    assert model.generate(prompt, max_new_tokens=8, eos_token_id=first).sequences.shape[1] == 1
+    held = (
+        model.generate(prompt, max_new_tokens=8, eos_token_id=first, min_new_tokens=4).sequences[0].tolist()
+    )
+    assert len(held) >= 4 and first not in held[:3]
+    text = (
+        prompt[0].tolist()
+        + model.generate(prompt, max_new_tokens=30, no_repeat_ngram_size=2).sequences[0].tolist()
+    )
+    bigrams = list(itertools.pairwise(text))
+    assert len(bigrams) == len(set(bigrams))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"output_scores": True},
+        {"return_dict_in_generate": True},
+        {"max_length": 50},
+        {"num_return_sequences": 2},
+    ],
+)
+def test_generation_settings_it_does_not_carry_out_are_refused(settings):
+    from transformers import GenerationConfig
+
+    model = tiny_hmt("llama")
+    with pytest.raises(ValueError, match="not supported|do not support"):
+        model.generate(random_ids(1, 4), **settings)
+    with pytest.raises(ValueError, match="not supported|do not support"):
+        model.generate(random_ids(1, 4), generation_config=GenerationConfig(**settings))

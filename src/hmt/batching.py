@@ -112,7 +112,7 @@ class Batch:
         """Let `row` join, with `state` (batch 1) after its prompt (`start`)."""
         config = _generation_config(self.model, None, dict(row.settings))
         row.max_new_tokens, row.do_sample = config.max_new_tokens or 20, bool(config.do_sample)
-        row.processors = _processors(config)
+        row.processors = _processors(config, prompt_length=row.prompt_ids.reshape(1, -1).shape[1])
         row.eos = _token_set(config.eos_token_id)
         if row.stop_strings not in self._stops:
             self._stops[row.stop_strings] = _stop_strings(self.tokenizer, list(row.stop_strings))

@@ -17,6 +17,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StopStringCriteria,
     TemperatureLogitsWarper,
@@ -141,7 +143,7 @@ def generate(
     mode = check_mode(mode or model.mode)
     stop_strings = stop_strings or config.stop_strings
     stop = _stop_strings(tokenizer, stop_strings)
-    processors = _processors(config)
+    processors = _processors(config, prompt_length=input_ids.shape[1])
     eos = _token_set(config.eos_token_id)
     pad = _pad_id(config, eos)
     length = model.config.segment_length
@@ -196,10 +198,31 @@ def generate(
     return GenerationOutput(sequences=sequences, state=state)
 
 
+# The generation settings `generate` carries out; any other GenerationConfig field asked for is refused
+# (ValueError naming it), never silently ignored. The backbone's own config may hold others: they are
+# its defaults, not a request.
+SUPPORTED_SETTINGS = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "no_repeat_ngram_size", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings", "num_beams",
+    "num_return_sequences", "use_cache",
+})  # fmt: skip
+
+
 def _generation_config(
     model: HMTForCausalLM, given: GenerationConfig | None, kwargs: dict
 ) -> GenerationConfig:
     """The backbone's generation config (or the one given), updated with the keyword arguments."""
+    default = GenerationConfig()
+    asked = {k for k in kwargs if hasattr(default, k)}  # unknown names are named by `update` below
+    if given is not None:
+        asked |= {k for k in given.to_diff_dict() if hasattr(default, k) and k != "transformers_version"}
+    refused = sorted(asked - SUPPORTED_SETTINGS)
+    if refused:
+        hint = " (use max_new_tokens: the context has no length)" if "max_length" in refused else ""
+        raise ValueError(
+            f"generation settings not supported by HMT's generate: {refused}{hint}; supported: "
+            f"{sorted(SUPPORTED_SETTINGS)}. It returns GenerationOutput(sequences, state): no scores."
+        )
     base = given if given is not None else getattr(model.backbone, "generation_config", None)
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
     unused = config.update(**kwargs)
@@ -209,15 +232,23 @@ def _generation_config(
         raise ValueError(f"max_new_tokens must be >= 0, got {config.max_new_tokens}")
     if config.num_beams not in (None, 1):
         raise ValueError("beam search is not supported: use greedy decoding or sampling (num_beams=1)")
+    if config.num_return_sequences not in (None, 1):
+        raise ValueError("num_return_sequences > 1 is not supported: repeat the prompt's row instead")
     return config
 
 
-def _processors(config: GenerationConfig) -> LogitsProcessorList:
-    """transformers' own processors for the settings asked: repetition penalty, and when sampling
+def _processors(config: GenerationConfig, prompt_length: int = 0) -> LogitsProcessorList:
+    """transformers' own processors for the settings asked: repetition penalty, n-grams not repeated,
+    no end of text before min_new_tokens (after the `prompt_length` tokens given), and when sampling
     temperature, top-k and top-p."""
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    eos = sorted(_token_set(config.eos_token_id))
+    if config.min_new_tokens and eos:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(config.temperature))

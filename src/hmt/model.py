@@ -289,8 +289,10 @@ class HMTForCausalLM(nn.Module):
         them (the prompt and every generated token read: pass it on to continue a conversation).
 
         Arguments follow transformers: a `GenerationConfig` (default: the backbone's) and/or
-        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
-        `eos_token_id`, `pad_token_id`; `stop_strings` (with `tokenizer=`), `streamer` (e.g.
+        `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`,
+        `repetition_penalty`, `no_repeat_ngram_size`, `eos_token_id`, `pad_token_id` (any other
+        GenerationConfig field asked for is refused, never ignored: `generation.SUPPORTED_SETTINGS`);
+        `stop_strings` (with `tokenizer=`), `streamer` (e.g.
         transformers' `TextStreamer`, batch size 1), `mode`; `end_segment=True` closes the prompt's last
         segment first (a question read as its own segment, so the answer's recalls with it as the query).
         Rows may be left-padded. Output has no length
