@@ -190,7 +190,7 @@ def test_generation_settings_it_does_not_carry_out_are_refused(settings):
     from transformers import GenerationConfig
 
     model = tiny_hmt("llama")
-    with pytest.raises(ValueError, match="not supported|do not support"):
+    with pytest.raises(ValueError, match=r"not supported|do not support"):
         model.generate(random_ids(1, 4), **settings)
-    with pytest.raises(ValueError, match="not supported|do not support"):
+    with pytest.raises(ValueError, match=r"not supported|do not support"):
         model.generate(random_ids(1, 4), generation_config=GenerationConfig(**settings))
