@@ -8,22 +8,7 @@ import pytest
 from benchmarks import serve_load
 
 # Malformed requests the server has always refused (docs/serve.md); each must have been answered 4xx.
-REFUSED = (
-    "bad_json",
-    "wrong_types",
-    "chat_wrong_types",
-    "read_wrong_types",
-    "unknown_session",
-    "unknown_session_completion",
-    "unknown_model",
-    "overlong",
-    "bad_key",
-    "n_2",
-    "chat_n_2",
-    "logprobs",
-    "echo",
-    "best_of",
-)
+REFUSED = serve_load.MALFORMED  # every malformed request the load test sends must get a 4xx
 TARGETS = {
     "no_5xx",
     "no_exceptions",

@@ -274,9 +274,10 @@ def _unreadable_weights(location: str, err: Exception) -> ValueError | None:
         target = folder / "model.safetensors" if pickles else "model.safetensors beside them"
         return ValueError(
             f"the backbone in {location} keeps its weights as pickle ({files}) holding more than tensors, "
-            "which torch's safe (weights-only) loader refuses: convert them to safetensors — only if you "
-            "trust the file, read it with torch.load(FILE, weights_only=False) and write its tensors with "
-            f"safetensors.torch.save_file into {target} (hmt then reads that file)"
+            "which torch's safe (weights-only) loader refuses, since unpickling them could run code: "
+            "get the weights as safetensors from their publisher, or convert them to safetensors in an "
+            f"isolated environment you are willing to run the file's code in, into {target} (hmt then "
+            "reads that file)"
         )
     return ValueError(
         f"the backbone in {location} keeps its weights as pickle ({files}), and torch cannot read them "

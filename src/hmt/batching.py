@@ -53,11 +53,6 @@ class Row:
     do_sample: bool = False
     eos: set[int] = field(default_factory=set)
 
-    @property
-    def sequences(self) -> torch.Tensor:
-        """(1, new) the generated ids, as `generate` returns them."""
-        return torch.tensor([self.tokens], dtype=torch.long)
-
 
 class Batch:
     """Rows decoded together over one model (see the module's docstring). Not thread-safe: one thread
@@ -74,9 +69,6 @@ class Batch:
         self.cache: SegmentCache | None = None
         self.cached = 0  # rows[:cached] are in self.cache
         self._stops: dict[tuple[str, ...], StopStringCriteria | None] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def start(self, ids: torch.Tensor, state: MemoryState | None, end_segment: bool = False) -> MemoryState:
         """Read a row's prompt `ids` (1-D) after `state`: the state it joins the batch with."""

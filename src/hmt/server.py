@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TextStreamer
 
-from hmt.ask import ask_turn
+from hmt.ask import ask_turn, encode
 from hmt.batching import Batch, Row
 from hmt.memory import MemoryState
 from hmt.sessions import ModelMismatch, SessionInfo, SessionStore, check_name
@@ -298,8 +298,7 @@ class Engine:
     # ---- work done on the model thread -----------------------------------------------------------
 
     def encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+        return encode(self.tokenizer, text, self.model.device)
 
     def load_session(self, name: str | None) -> tuple[MemoryState | None, SessionInfo | None]:
         """A session's memory, checked against the model; errors name the session, not the folder."""

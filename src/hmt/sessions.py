@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,8 @@ class SessionStore:
         with self.lock(name):
             previous = self._state_file_or_none(name)
             state.detach().to("cpu").save(self.directory / state_file)
-            record = replace_fields(info, created=info.created or now, updated=now,
-                                    tokens=int(state.tokens.sum()), state_file=state_file)  # fmt: skip
+            record = replace(info, created=info.created or now, updated=now,
+                             tokens=int(state.tokens.sum()), state_file=state_file)  # fmt: skip
             write_text_atomic(info_path, json.dumps(asdict(record), indent=2) + "\n")
             if previous is not None and previous != state_file:
                 (self.directory / previous).unlink(missing_ok=True)
@@ -275,10 +275,6 @@ class SessionStore:
     def _state_file(self, name: str) -> str:
         """The memory file the session's record names."""
         return self.info(name).state_file or f"{name}{STATE_SUFFIX}"
-
-
-def replace_fields(info: SessionInfo, **changes: Any) -> SessionInfo:
-    return SessionInfo(**{**asdict(info), **changes})
 
 
 def _without_path(err: Exception, path: Path) -> str:
