@@ -35,7 +35,7 @@ import typer
 from experiments.cli import run, tool
 from experiments.distill import Distillation
 from hmt.cli.console import ModeProgress, StepProgress
-from hmt.cli.options import BackboneOpt, DeviceOpt, DtypeOpt, MemoryLayerOpt, split_ints, split_list
+from hmt.cli.options import BackboneOpt, DeviceOpt, DtypeOpt, split_ints, split_list
 from hmt.config import MEMORY_MODES, READING_FIELDS, WRITING_MODES, HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
 from hmt.runs import FINAL_DIR, RUN_FILE, SUMMARY_FILE, RunSettings, train_run
@@ -76,7 +76,6 @@ class CompareRequest:
     cache_size: int = 300
     attention_sink: bool = True
     memory_tokens: int = 1
-    memory_layer: int | None = None
     stage1_steps: int = 40
     stage2_steps: int = 60
     stage1_unroll: int = 2
@@ -125,7 +124,9 @@ class CompareRequest:
             "cache_size": self.cache_size,
             "attention_sink": self.attention_sink,
             "memory_tokens": self.memory_tokens,
-            "memory_layer": self.memory_layer,
+            # the comparison's recipe predates bounded, sharpened recall becoming HMTConfig's default
+            "recall_temperature": None,
+            "sharpen_recall_after": None,
         }
 
     @property
@@ -544,7 +545,6 @@ def compare(
     cache_size: Annotated[int, typer.Option(help="Long-term memory size (N).")] = 300,
     attention_sink: Annotated[bool, typer.Option(help=_help("attention_sink"))] = True,
     memory_tokens: Annotated[int, typer.Option(help=_help("memory_tokens"))] = 1,
-    memory_layer: MemoryLayerOpt = None,
     stage1_steps: Annotated[int, typer.Option(help="Stage-1 steps (random windows).")] = 40,
     stage2_steps: Annotated[
         int, typer.Option(help="Stage-2 steps (the text in order, memory carried).")
@@ -595,7 +595,6 @@ def compare(
             cache_size=cache_size,
             attention_sink=attention_sink,
             memory_tokens=memory_tokens,
-            memory_layer=memory_layer,
             stage1_steps=stage1_steps,
             stage2_steps=stage2_steps,
             stage1_unroll=stage1_unroll,

@@ -74,7 +74,6 @@ app = tool(__doc__.splitlines()[0])
 def key_probe(
     out: Annotated[Path, typer.Option()],
     memory_tokens: int = 1,
-    memory_layer: int | None = None,
     lora_rank: int = 16,
     lora_targets: str = ",".join(ALL_LINEAR),
     lr: float = 1e-3,
@@ -111,7 +110,8 @@ def key_probe(
         segment_length=256,
         num_sensory=32,
         memory_tokens=memory_tokens,
-        memory_layer=memory_layer,
+        recall_temperature=None,  # the probe's recipe (rmt: recall unused)
+        sharpen_recall_after=None,
     )
     model = HMTForCausalLM(backbone, config, mode="rmt")
     train_stream = token_stream(load_documents("essays", "train"), tok)

@@ -239,6 +239,9 @@ def build_model(experiment: RecallExperiment, arm: str) -> HMTForCausalLM:
         summary_length=task.query_length,
         cache_size=experiment.cache_size,
         attention_sink=False,  # trained from scratch: no first-position habit to protect
+        memory_tokens=1,  # the task's recipe: one memory token, the paper's dot-product recall
+        recall_temperature=None,
+        sharpen_recall_after=None,
     )
     return HMTForCausalLM(LlamaForCausalLM(config), hmt_config, mode=arm)
 

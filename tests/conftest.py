@@ -63,13 +63,20 @@ def tiny_backbone(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch
     return model.to(dtype).eval()
 
 
+TINY_SETTINGS = {
+    "segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, "memory_tokens": 1,
+    "recall_temperature": None, "sharpen_recall_after": None,
+}  # fmt: skip
+
+
 def tiny_hmt(arch: str = "llama", seed: int = 0, mode: str = "hmt", **config):
     """An HMTForCausalLM on a tiny backbone, reading in `mode` by default; small segments so a few dozen
-    tokens span several. The paper's layout (no attention sink) unless asked: many tests pin that layout's
+    tokens span several. The paper's layout (no attention sink), one memory token and dot-product recall
+    unless asked (the defaults before HMTConfig() became the shipped recipe): many tests pin that layout's
     slot positions."""
     from hmt import HMTConfig, HMTForCausalLM
 
-    settings = {"segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, **config}
+    settings = {**TINY_SETTINGS, **config}
     return HMTForCausalLM(tiny_backbone(arch, seed), HMTConfig(**settings), mode=mode)
 
 

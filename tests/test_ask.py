@@ -27,7 +27,8 @@ def model(tiny_model_dir):
 
     torch.manual_seed(0)
     backbone = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    config = HMTConfig(segment_length=8, num_sensory=2, cache_size=4)
+    config = HMTConfig(segment_length=8, num_sensory=2, cache_size=4, memory_tokens=1, recall_temperature=None,
+                       sharpen_recall_after=None)  # fmt: skip
     return HMTForCausalLM(backbone, config).eval()
 
 

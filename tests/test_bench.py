@@ -34,7 +34,8 @@ def test_bench_measures_every_mode_and_length(monkeypatch, capsys, tiny_model_di
                 "tokens_per_second"
             ]
         )
-    assert report["settings"]["segment_length"] == 16 and report["settings"]["full_window"] == 128
+    assert report["settings"]["settings"]["segment_length"] == 16 and report["settings"]["full_window"] == 128
+    assert {row["model_config"]["segment_length"] for row in rows} == {16}  # what was measured
     assert (out / "bench.png").stat().st_size > 0
     assert "vs backbone" in stdout
     # An existing report is not overwritten without --overwrite.

@@ -9,11 +9,68 @@ import pytest
 from hmt import HMTConfig
 
 
-def test_defaults_follow_the_method():
+def test_the_defaults_are_the_shipped_recipe_and_paper_gives_the_papers_switches():
+    from hmt.io import shipped_adapter
+
     config = HMTConfig()
-    assert (config.segment_length, config.num_sensory, config.cache_size) == (512, 32, 300)
-    assert config.query_length == 256  # j defaults to L // 2
+    assert (config.segment_length, config.num_sensory, config.cache_size) == (256, 32, 300)
+    assert config.query_length == 128  # j defaults to L // 2
     assert HMTConfig(segment_length=100, num_sensory=8, summary_length=10).query_length == 10
+    shipped = HMTConfig.from_json_file(shipped_adapter() / "hmt_config.json").to_dict()
+    bound = {"backbone", "backbone_type", "embedding_dim", "hmt_version", "recall_dim"}  # set on save
+    assert {k: v for k, v in config.to_dict().items() if k not in bound} == {
+        k: v for k, v in shipped.items() if k not in bound
+    }
+    paper = HMTConfig.paper()
+    assert (paper.segment_length, paper.num_sensory, paper.memory_tokens, paper.query_length) == (
+        512,
+        32,
+        1,
+        256,
+    )
+    assert (paper.recall_query, paper.attention_sink, paper.recall_temperature) == ("paper", False, None)
+    assert (paper.recall_init, paper.recall_norm, paper.memory_norm) == ("independent", False, "none")
+    assert HMTConfig.paper(cache_size=50).cache_size == 50
+
+
+def test_a_saved_config_keeps_its_meaning_when_defaults_change():
+    """A file written before a field existed meant that field's value of the time, not today's default."""
+    old = HMTConfig.from_dict({"segment_length": 512, "num_sensory": 32})
+    assert (old.memory_tokens, old.recall_temperature, old.sharpen_recall_after) == (1, None, None)
+    assert HMTConfig.from_dict({"num_sensory": 32}).segment_length == 512
+
+
+def test_a_setting_that_left_the_core_is_refused_unless_at_its_only_value():
+    assert HMTConfig.from_dict({**HMTConfig().to_dict(), "memory_layer": None}) == HMTConfig()
+    with pytest.raises(ValueError, match=r"memory_layer = 15: this setting left hmt.*4d815d9"):
+        HMTConfig.from_dict({**HMTConfig().to_dict(), "memory_layer": 15})
+
+
+def test_settings_given_as_key_value_pairs_are_read_as_json_and_checked():
+    from hmt.config import READING_FIELDS, parse_settings
+
+    got = parse_settings(
+        ["cache_size=100", "sharpen-recall-after=null", "recall_query=causal", "memory_tokens=2"]
+    )
+    assert got == {
+        "cache_size": 100,
+        "sharpen_recall_after": None,
+        "recall_query": "causal",
+        "memory_tokens": 2,
+    }
+    assert parse_settings([]) == {}
+    for bad, allowed, message in [
+        (["cache_size"], None, "KEY=VALUE"),
+        (["backbone=x"], None, "backbone: not a setting here; choose among segment_length"),
+        (
+            ["memory_tokens=2"],
+            READING_FIELDS,
+            "memory_tokens: not a setting here; choose among segment_length",
+        ),
+        (["cache_size=1", "cache_size=2"], None, "given twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_settings(bad, allowed)
 
 
 def test_the_attention_sink_is_on_by_default():
@@ -56,7 +113,7 @@ def test_unknown_keys_from_a_newer_version_warn_not_fail():
         ({"summary_length": 0}, "summary_length must be >= 1"),
         ({"cache_size": 0}, "cache_size must be >= 1"),
         ({"recall_dim": 0}, "recall_dim must be >= 1"),
-        ({"memory_norm": "l2"}, "memory_norm must be one of learned, match, none"),
+        ({"memory_norm": "l2"}, "memory_norm must be one of learned, none"),
         ({"recall_init": "zeros"}, "recall_init must be one of similarity, independent"),
         ({"attention_sink": "yes"}, "attention_sink must be true or false"),
         ({"recall_temperature": 0}, r"recall_temperature must be a number in \(0, 100\]"),

@@ -10,13 +10,13 @@ from hmt import HMTConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config_rows() -> dict[str, tuple[str, str]]:
+def _config_rows() -> dict[str, tuple[str, str, str]]:
     text = (ROOT / "docs" / "method.md").read_text().split("## `HMTConfig`", 1)[1]
     rows = {}
     for line in text.splitlines():
         if line.startswith("| `"):
-            name, default, meaning = (cell.strip() for cell in line.strip("|").split(" | ", 2))
-            rows[name.strip("`")] = (default, meaning)
+            name, default, paper, meaning = (cell.strip() for cell in line.strip("|").split(" | ", 3))
+            rows[name.strip("`")] = (default, paper, meaning)
     return rows
 
 
@@ -27,8 +27,9 @@ def _shown(value: object) -> str:
 def test_the_config_table_matches_the_fields():
     rows = _config_rows()
     assert list(rows) == [f.name for f in fields(HMTConfig)]
+    paper = HMTConfig.paper()
     for f in fields(HMTConfig):
-        assert rows[f.name] == (_shown(f.default), f.metadata["help"]), f.name
+        assert rows[f.name] == (_shown(f.default), _shown(getattr(paper, f.name)), f.metadata["help"]), f.name
 
 
 def test_the_readme_is_a_front_door():

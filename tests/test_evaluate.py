@@ -230,7 +230,7 @@ def test_adapter_that_does_not_fit(monkeypatch, capsys, tiny_model_dir, text_fil
 
 def test_adapter_resolution(tmp_path, monkeypatch):
     from hmt import io
-    from hmt.cli.eval import resolve_adapter
+    from hmt.loading import resolve_adapter
 
     assert resolve_adapter(Path("none"), None) is None  # explicit: untrained memory parameters
     assert resolve_adapter(tmp_path, None) == tmp_path

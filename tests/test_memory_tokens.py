@@ -67,7 +67,9 @@ def test_recall_mixes_whole_groups_keyed_by_their_mean():
     from hmt.recall import MemoryParameters
 
     torch.manual_seed(0)
-    params = MemoryParameters(16, 16, 8, 0.02, memory_tokens=R)
+    params = MemoryParameters(
+        embedding_dim=16, output_dim=16, recall_dim=8, embedding_std=0.02, memory_tokens=R
+    )
     query, memories = torch.randn(2, 16), torch.randn(2, 5, R * 16)
     mask = torch.ones(2, 5, dtype=torch.bool)
     recalled, weights = params.recall(query, memories, mask)

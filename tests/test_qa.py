@@ -102,12 +102,12 @@ def test_reading_mode_is_restored(pair):
 
 
 def test_reading_in_chunks_gives_the_same_memory(pair, maker, monkeypatch):
-    import hmt.qa
+    import hmt.reading
 
     model, _ = pair
     context = QAConfig(lengths=(160,), depths=(0.5,), trials=1).samples(maker)["fact", 160, 0.5][0].context
     whole = read_into_memory(model, context)
-    monkeypatch.setattr(hmt.qa, "READ_CHUNK", 48)  # not a multiple of the segment length
+    monkeypatch.setattr(hmt.reading, "READ_CHUNK", 48)  # not a multiple of the segment length
     chunked = read_into_memory(model, context)
     assert int(chunked.tokens) == int(whole.tokens) == 160
     torch.testing.assert_close(chunked.memories, whole.memories, atol=ATOL, rtol=0)

@@ -14,19 +14,30 @@ from hmt.recall import MemoryParameters
 
 def test_scores_stay_within_the_temperature_whatever_the_scale():
     torch.manual_seed(0)
-    params = MemoryParameters(16, 16, 8, 0.02, recall_norm=False, recall_temperature=5.0)
+    params = MemoryParameters(
+        embedding_dim=16,
+        output_dim=16,
+        recall_dim=8,
+        embedding_std=0.02,
+        recall_norm=False,
+        recall_temperature=5.0,
+    )
     query, memories = torch.randn(3, 16), torch.randn(3, 7, 16)
     for scale in (1.0, 1e3):
         scores = params.scores(scale * query, scale * memories)
         assert scores.abs().max() <= 5.0 + 1e-4
         assert scores.abs().max() > 0.5  # a cosine times 5, not a collapsed score
-    dot = MemoryParameters(16, 16, 8, 0.02, recall_norm=False)
+    dot = MemoryParameters(
+        embedding_dim=16, output_dim=16, recall_dim=8, embedding_std=0.02, recall_norm=False
+    )
     dot.load_state_dict({k: v for k, v in params.state_dict().items() if k != "recall_log_temperature"})
     assert dot.scores(1e3 * query, 1e3 * memories).abs().max() > 1e3  # the paper's scores are unbounded
 
 
 def test_temperature_is_learned_and_capped():
-    params = MemoryParameters(16, 16, 8, 0.02, recall_temperature=2.0)
+    params = MemoryParameters(
+        embedding_dim=16, output_dim=16, recall_dim=8, embedding_std=0.02, recall_temperature=2.0
+    )
     query, memories = torch.randn(2, 16), torch.randn(2, 4, 16)
     params.scores(query, memories).pow(2).sum().backward()
     assert params.recall_log_temperature.grad is not None and params.recall_log_temperature.grad.abs() > 0

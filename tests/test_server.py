@@ -33,6 +33,8 @@ class Server:
             sys.executable, "-m", "hmt.cli", "serve", "--backbone", str(model_dir), "--segment-length", "32",
             "--num-sensory", "4", "--port", str(self.port), "--sessions", str(sessions), "--api-key", KEY,
             "--dtype", "fp32", "--device", "cpu", *(f"--{k}={v}" for k, v in settings.items()),
+            # the untrained model these tests were written on (before HMTConfig() became the shipped recipe)
+            "--set", "memory_tokens=1", "--set", "recall_temperature=null", "--set", "sharpen_recall_after=null",
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
 

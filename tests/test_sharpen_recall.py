@@ -13,7 +13,9 @@ from hmt.recall import MemoryParameters
 
 def test_scores_scale_by_log_cached_over_log_n0_only_past_n0():
     torch.manual_seed(0)
-    params = MemoryParameters(16, 16, 8, 0.02, recall_temperature=5.0)
+    params = MemoryParameters(
+        embedding_dim=16, output_dim=16, recall_dim=8, embedding_std=0.02, recall_temperature=5.0
+    )
     query, memories = torch.randn(3, 16), torch.randn(3, 9, 16)
     mask = torch.zeros(3, 9, dtype=torch.bool)
     mask[0, -2:], mask[1, -4:], mask[2, :] = True, True, True  # 2, 4 and 9 memories, right-aligned

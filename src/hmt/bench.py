@@ -2,8 +2,9 @@
 
 Every (length, mode) pair is measured in a fresh process, so memory one measurement left in the process
 cannot hide the next one's peak; the modes of one length run back to back, so their speed ratios come from
-the same minutes of a shared machine. Speed does not depend on the text, so the stream is random token ids
-and the memory parameters are untrained (a trained adapter merges its LoRA and costs the same).
+the same minutes of a shared machine. Speed does not depend on the text, so the stream is random token ids.
+The model is what ships by default: the shipped adapter on the default backbone (its L, k, r and N; its
+LoRA merged, as it is for reading), or any adapter given, or untrained memory parameters ("none").
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -28,9 +29,8 @@ class BenchConfig:
 
     modes: tuple[str, ...] = ("backbone", "sliding", "hmt", "full")
     lengths: tuple[int, ...] = (1024, 4096, 16384)
-    segment_length: int = 512
-    num_sensory: int = 32
-    cache_size: int = 300
+    adapter: str | None = None  # None: the shipped adapter for the default backbone; "none": untrained
+    settings: dict = field(default_factory=dict)  # reading settings over the adapter's
     full_window: int | None = None  # None: the backbone's maximum positions
     repeats: int = 1  # each pair is measured this many times; the fastest run and the highest peak count
     backbone: str | None = None
@@ -57,6 +57,7 @@ class Measurement:
     model_mb: float  # memory held once the model is loaded (process RSS on CPU, allocated on CUDA)
     peak_mb: float  # the highest memory while reading the stream
     memory: str  # what was measured: "rss" or "cuda"
+    model_config: dict = field(default_factory=dict)  # the HMTConfig read with (L, k, r, N, ...)
 
     @property
     def growth_mb(self) -> float:
@@ -94,22 +95,13 @@ def _best(runs: list[Measurement]) -> Measurement:
 
 def measure(config: BenchConfig, mode: str, tokens: int) -> Measurement:
     """Load the backbone, warm up on two segments, then time reading `tokens` random ids and watch memory."""
-    from hmt.backbone import load_backbone, quiet_transformers
-    from hmt.config import HMTConfig
     from hmt.evaluate import EvalConfig, run_eval
-    from hmt.model import HMTForCausalLM
 
-    quiet_transformers()
-    torch.manual_seed(config.seed)
-    backbone = load_backbone(config.backbone, dtype=config.dtype, device=config.device)
-    hmt_config = HMTConfig(
-        segment_length=config.segment_length, num_sensory=config.num_sensory, cache_size=config.cache_size
-    )
-    model = HMTForCausalLM(backbone.model, hmt_config)
+    model = _load(config).model
     generator = torch.Generator().manual_seed(config.seed)
     stream = torch.randint(0, model.vocab_size, (tokens,), generator=generator).to(model.device)
     eval_config = EvalConfig(modes=(mode,), full_window=config.full_window)
-    run_eval(model, stream[: 2 * config.segment_length], eval_config)
+    run_eval(model, stream[: 2 * model.config.segment_length], eval_config)
     watcher = PeakMemory(model.device)
     with watcher:
         started = time.perf_counter()
@@ -123,7 +115,17 @@ def measure(config: BenchConfig, mode: str, tokens: int) -> Measurement:
         model_mb=watcher.start_mb,
         peak_mb=watcher.peak_mb,
         memory=watcher.kind,
+        model_config=model.config.to_dict(),
     )
+
+
+def _load(config: BenchConfig | GenerationBenchConfig):
+    from hmt.loading import load_model
+
+    return load_model(
+        config.backbone, adapter=config.adapter, settings=config.settings, dtype=config.dtype,
+        device=config.device, seed=config.seed,
+    )  # fmt: skip
 
 
 class PeakMemory:
@@ -173,9 +175,8 @@ class GenerationBenchConfig:
     new_tokens: int = 256
     read_tokens: int = 65536
     repeats: int = 3  # runs of each generator, interleaved; the fastest counts
-    segment_length: int = 512
-    num_sensory: int = 32
-    cache_size: int = 300
+    adapter: str | None = None  # as BenchConfig
+    settings: dict = field(default_factory=dict)
     backbone: str | None = None
     dtype: str = "auto"
     device: str | None = None
@@ -189,19 +190,12 @@ class GenerationBenchConfig:
 def run_generation_bench(config: GenerationBenchConfig, progress: Progress | None = None) -> dict:
     """Greedy generation of `new_tokens` (no early stop) by both, `repeats` times interleaved so both see
     the same minutes of a shared machine; then one read of `read_tokens` tokens in 4,096-token calls."""
-    from hmt.backbone import load_backbone, quiet_transformers
-    from hmt.config import HMTConfig
-    from hmt.model import HMTForCausalLM
-
-    quiet_transformers()
-    torch.manual_seed(config.seed)
-    backbone = load_backbone(config.backbone, dtype=config.dtype, device=config.device)
-    hmt_config = HMTConfig(
-        segment_length=config.segment_length, num_sensory=config.num_sensory, cache_size=config.cache_size
-    )
-    model = HMTForCausalLM(backbone.model, hmt_config).eval()
+    loaded = _load(config)
+    model, backbone = loaded.model, loaded.backbone
+    # transformers' generate runs on the backbone hmt reads with (the adapter's LoRA merged, if it has one)
+    plain = model.backbone
     generator = torch.Generator().manual_seed(config.seed)
-    prompt_length = config.segment_length + config.num_sensory
+    prompt_length = model.config.segment_length + model.config.num_sensory
     prompt = torch.randint(0, model.vocab_size, (1, prompt_length), generator=generator).to(model.device)
     runs: dict[str, list[float]] = {"transformers": [], "hmt": []}
     new = config.new_tokens
@@ -212,7 +206,7 @@ def run_generation_bench(config: GenerationBenchConfig, progress: Progress | Non
             started = time.perf_counter()
             with torch.no_grad():
                 if name == "transformers":
-                    out = backbone.model.generate(
+                    out = plain.generate(
                         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                         min_new_tokens=new, do_sample=False,
                     )  # fmt: skip
@@ -225,6 +219,9 @@ def run_generation_bench(config: GenerationBenchConfig, progress: Progress | Non
                 raise RuntimeError(f"{name} made {made} tokens instead of {new}")
     best = {name: min(times) for name, times in runs.items()}
     report: dict = {
+        "model_config": model.config.to_dict(),
+        "adapter": str(loaded.adapter) if loaded.adapter else None,
+        "backbone": backbone.name,
         "prompt_tokens": prompt_length,
         "new_tokens": new,
         "seconds": best,

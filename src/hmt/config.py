@@ -1,7 +1,8 @@
 """`HMTConfig`: what an HMT adapter is, validated once, saved as JSON beside its weights.
 
 It holds the paper's settings (L, k, j, N), the layout and width choices the weights depend on, and the
-backbone the adapter was made for. How a model is *run* (the mode, how many queries share a backbone
+backbone the adapter was made for. `HMTConfig()` is the recipe of the shipped adapter; `HMTConfig.paper()`
+switches to the paper's choices where ours differ (docs/method.md says why each differs). How a model is *run* (the mode, how many queries share a backbone
 call) is not here: it is an argument of the call (see `HMTForCausalLM.forward`).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +21,8 @@ MODES: tuple[str, ...] = ("backbone", "sliding", "memory_off", "rmt", "hmt")
 MEMORY_MODES: tuple[str, ...] = ("memory_off", "rmt", "hmt")
 # Modes that write each segment's memory into the cache (memory_off only ever reads m0).
 WRITING_MODES: tuple[str, ...] = ("rmt", "hmt")
-MemoryNorm = Literal["learned", "match", "none"]
-MEMORY_NORMS: tuple[str, ...] = ("learned", "match", "none")
+MemoryNorm = Literal["learned", "none"]
+MEMORY_NORMS: tuple[str, ...] = ("learned", "none")
 RECALL_INITS: tuple[str, ...] = ("similarity", "independent")
 RECALL_QUERIES: tuple[str, ...] = ("causal", "paper")
 MAX_RECALL_TEMPERATURE = 100.0  # as CLIP's logit scale: beyond it softmax is one-hot in float32 anyway
@@ -36,8 +38,20 @@ READING_FIELDS: tuple[str, ...] = (
     "recall_query",
     "sharpen_recall_after",
 )
+# Fields filled in from the backbone when an adapter is built or saved: never chosen by a user.
+BOUND_FIELDS: tuple[str, ...] = ("backbone", "backbone_type", "embedding_dim", "hmt_version")
 # Settings an adapter saved without them may be given: they add parameters, which start fresh.
 GAINED_FIELDS: tuple[str, ...] = ("recall_temperature",)
+# What a saved config that lacks a field meant: the field did not exist yet, and hmt then behaved as this
+# value (the defaults became the shipped recipe later; an old file keeps its meaning).
+ABSENT_MEANS: dict[str, Any] = {
+    "segment_length": 512, "memory_tokens": 1, "recall_temperature": None, "sharpen_recall_after": None,
+}  # fmt: skip
+# Settings that left the core (no default used them and no measurement argued for them): a saved config
+# may hold them only at the value hmt now always uses. The commit that still has them is named.
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "memory_layer": (None, "4d815d9"),
+}
 
 
 @dataclass
@@ -49,7 +63,7 @@ class HMTConfig:
     and to the backbone's embedding width (filled in when the config is bound to a backbone).
     """
 
-    segment_length: int = field(default=512, metadata={"help": "New tokens read per segment (L)."})
+    segment_length: int = field(default=256, metadata={"help": "New tokens read per segment (L)."})
     num_sensory: int = field(
         default=32, metadata={"help": "Tokens of the previous segment kept as sensory memory (k)."}
     )
@@ -70,19 +84,10 @@ class HMTConfig:
         default=300, metadata={"help": "Long-term memory: how many past segment memories are kept (N)."}
     )
     memory_tokens: int = field(
-        default=1,
+        default=8,
         metadata={
             "help": "Memory embeddings per segment (r): each segment writes r memories from its last r slots "
             "and reads r at both ends; recall mixes whole groups of r. 1 is the paper's single memory token."
-        },
-    )
-    memory_layer: int | None = field(
-        default=None,
-        metadata={
-            "help": "Which backbone layer's output a segment writes as its memory: None, the final hidden "
-            "state (after the final norm), as in the paper; i (1 to the number of layers), the residual "
-            "stream after layer i, where a middle layer may hold more of the segment's content than the "
-            "last one, which is shaped for predicting the next token."
         },
     )
     recall_dim: int | None = field(
@@ -114,7 +119,7 @@ class HMTConfig:
         },
     )
     recall_temperature: float | None = field(
-        default=None,
+        default=5.0,
         metadata={
             "help": "None: recall scores are the scaled dot product of W_q S and W_k M, as in the paper "
             "(unbounded: one memory can take all the weight, right or wrong). t > 0: they are the cosine of "
@@ -123,7 +128,7 @@ class HMTConfig:
         },
     )
     sharpen_recall_after: int | None = field(
-        default=None,
+        default=8,
         metadata={
             "help": "n0 >= 2: with n > n0 memories cached, recall's scores are multiplied by ln(n) / ln(n0) "
             "(scalable softmax), so the share of weight a well-matched memory gets does not fade as the "
@@ -171,8 +176,6 @@ class HMTConfig:
                 )
         _require_int("cache_size", self.cache_size, minimum=1)
         _require_int("memory_tokens", self.memory_tokens, minimum=1)
-        if self.memory_layer is not None:
-            _require_int("memory_layer", self.memory_layer, minimum=1)
         if self.recall_dim is not None:
             _require_int("recall_dim", self.recall_dim, minimum=1)
         if self.recall_temperature is not None and (
@@ -203,6 +206,18 @@ class HMTConfig:
         """How many of the last tokens read a state keeps: the sensory tokens, and the causal query's."""
         return max(self.num_sensory, self.query_length if self.recall_query == "causal" else 0)
 
+    @classmethod
+    def paper(cls, **changes: Any) -> HMTConfig:
+        """The paper's switches where our defaults differ: one memory token, recall by the scaled dot
+        product on raw states from independent W_q and W_k, the query from the segment's own first j
+        tokens, memory first (no attention sink), raw written memories, L = 512."""
+        paper = dict(
+            segment_length=512, memory_tokens=1, recall_temperature=None, sharpen_recall_after=None,
+            recall_query="paper", recall_norm=False, recall_init="independent", attention_sink=False,
+            memory_norm="none",
+        )  # fmt: skip
+        return cls(**{**paper, **changes})
+
     def replace(self, **changes: Any) -> HMTConfig:
         """A validated copy with some fields changed (e.g. `config.replace(cache_size=100)`)."""
         return HMTConfig(**{**asdict(self), **changes})
@@ -216,7 +231,14 @@ class HMTConfig:
         if not isinstance(data, dict):
             raise ValueError(f"an HMT config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        for name, (value, commit) in REMOVED_FIELDS.items():
+            if name in data and data[name] != value:
+                raise ValueError(
+                    f"{name} = {data[name]!r}: this setting left hmt (only {value!r} is read now); load this "
+                    f"adapter with hmt at commit {commit}"
+                )
+        data = {**{k: v for k, v in ABSENT_MEANS.items() if k not in data}, **data}
+        unknown = sorted(set(data) - known - set(REMOVED_FIELDS))
         if unknown:
             warnings.warn(
                 f"ignoring unknown HMT config keys {unknown} (written by a newer hmt?)",
@@ -255,6 +277,33 @@ class HMTConfig:
             if f.name == name:
                 return f.metadata["help"]
         raise KeyError(name)
+
+
+def settable_fields() -> tuple[str, ...]:
+    """The HMTConfig fields a user may choose (all but those bound to the backbone on save)."""
+    return tuple(f.name for f in fields(HMTConfig) if f.name not in BOUND_FIELDS)
+
+
+def parse_settings(pairs: Iterable[str], allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (the commands' `--set`) as config fields. VALUE is read as JSON (8, 0.5, null,
+    true, "causal") or else as plain text; HMTConfig checks it. A key not in `allowed` (default: every
+    settable field), or given twice, is a ValueError naming it and what is allowed."""
+    allowed = tuple(allowed) if allowed is not None else settable_fields()
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+        if key not in allowed:
+            raise ValueError(f"--set {key}: not a setting here; choose among {', '.join(allowed)}")
+        if key in settings:
+            raise ValueError(f"--set {key} is given twice")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text.strip()
+    return settings
 
 
 def check_mode(mode: str) -> str:

@@ -307,7 +307,7 @@ def make_report(
     """The JSON-ready record of an evaluation: what was run, on what, and every mode's numbers."""
     import platform
 
-    from hmt import __version__
+    from hmt.version import __version__
 
     return {
         "hmt_version": __version__,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
@@ -31,9 +32,6 @@ from hmt.backbone import eval_mode
 from hmt.config import check_mode
 from hmt.memory import MemoryState
 
-if TYPE_CHECKING:
-    from hmt.model import HMTForCausalLM
-
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length, as new tokens (the context has no length)
 
 
@@ -48,7 +46,7 @@ class GenerationOutput(ModelOutput):
 class SegmentCache:
     """The backbone's KV cache over each row's open segment, left-padded; built from a state."""
 
-    def __init__(self, model: HMTForCausalLM, sequences: list[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, sequences: list[torch.Tensor]) -> None:
         lengths = torch.tensor([len(s) for s in sequences], device=model.device)
         width = int(lengths.max())
         positions = torch.arange(width, device=model.device)
@@ -68,7 +66,7 @@ class SegmentCache:
         self.cache = out.cache
 
     @classmethod
-    def build(cls, model: HMTForCausalLM, state: MemoryState, mode: str) -> SegmentCache | None:
+    def build(cls, model: nn.Module, state: MemoryState, mode: str) -> SegmentCache | None:
         """The cache over each row's open segment, or None while some row's is empty (nothing to attend
         to: the backbone mode right after a segment closed); the next token is then read by a forward."""
         sequences = model._open_segments(state, mode)
@@ -125,7 +123,7 @@ class SegmentCache:
 
 
 def generate(
-    model: HMTForCausalLM,
+    model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     state: MemoryState | None = None,
@@ -208,9 +206,7 @@ SUPPORTED_SETTINGS = frozenset({
 })  # fmt: skip
 
 
-def _generation_config(
-    model: HMTForCausalLM, given: GenerationConfig | None, kwargs: dict
-) -> GenerationConfig:
+def _generation_config(model: nn.Module, given: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
     """The backbone's generation config (or the one given), updated with the keyword arguments."""
     default = GenerationConfig()
     asked = {k for k in kwargs if hasattr(default, k)}  # unknown names are named by `update` below

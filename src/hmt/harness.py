@@ -30,6 +30,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from hmt.sampling import Sampling
+
 SHIPPED = "shipped"  # adapter= default: the adapter shipped for the default backbone
 GENERATION_KEYS = frozenset(
     {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
@@ -42,8 +44,9 @@ LM_EVAL_DEFAULT_DEVICES = frozenset({"cuda", "cuda:0"})  # lm-eval's --device wh
 @register_model("hmt")
 class HMTLM(TemplateLM):
     """An HMT model (backbone + adapter) for lm-eval. Model args: `backbone` (default SmolLM2-135M),
-    `adapter` (a folder; default the shipped one; `none`: untrained memory), `segment_length`,
-    `num_sensory`, `cache_size`, `mode` (hmt, rmt, memory_off, sliding, backbone), `dtype`, `seed`;
+    `adapter` (a folder or Hub id; default the shipped one; `none`: untrained memory), any HMTConfig
+    setting read as JSON (`segment_length`, `cache_size`, ...; over an adapter only its reading settings),
+    `mode` (hmt, rmt, memory_off, sliding, backbone), `dtype`, `seed`;
     lm-eval's `--device` (without it, or with its default cuda:0 on a machine without CUDA: the CPU) and
     `--batch_size` (an integer) are honoured."""
 
@@ -51,9 +54,6 @@ class HMTLM(TemplateLM):
         self,
         backbone: str | None = None,
         adapter: str | None = SHIPPED,
-        segment_length: int | None = None,
-        num_sensory: int | None = None,
-        cache_size: int | None = None,
         mode: str = "hmt",
         dtype: str = "auto",
         device: str | None = None,
@@ -62,12 +62,17 @@ class HMTLM(TemplateLM):
         seed: int = 0,
         model: Any = None,
         tokenizer: Any = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
         from hmt.config import check_mode
 
         self.batch_size = _batch_size(batch_size)
         self.mode = check_mode(mode)
+        if model is not None and settings:
+            raise ValueError(
+                f"reading settings {sorted(settings)} apply to a model hmt loads, not to one given"
+            )
         if model is not None:  # an HMTForCausalLM built in Python (tests, notebooks)
             if tokenizer is None:
                 raise ValueError("give the tokenizer with the model")
@@ -78,31 +83,26 @@ class HMTLM(TemplateLM):
                 )
             self.model, self.tokenizer, self.backbone_name = model, tokenizer, "given"
         else:
-            self._load(backbone, adapter, segment_length, num_sensory, cache_size, dtype, device, seed)
+            self._load(backbone, adapter, settings, dtype, device, seed)
         self.model.eval()
         self._device = self.model.device
 
-    def _load(self, backbone, adapter, segment_length, num_sensory, cache_size, dtype, device, seed) -> None:
-        from hmt.backbone import quiet_transformers, resolve_device
-        from hmt.cli.eval import load_models, resolve_adapter
-        from hmt.cli.options import given
+    def _load(self, backbone, adapter, settings: dict[str, Any], dtype, device, seed) -> None:
+        from hmt.config import parse_settings
+        from hmt.loading import load_model
 
         if device in LM_EVAL_DEFAULT_DEVICES and not torch.cuda.is_available():
             # lm-eval passes "cuda:0" when --device is not given; its own hf model then uses the CPU too.
             logging.getLogger(__name__).warning("no CUDA GPU here: the hmt model runs on the CPU")
             device = None
-        resolve_device(device)
-        quiet_transformers()
-        folder = resolve_adapter(None if adapter == SHIPPED else Path(adapter or "none"), backbone)
-        reading = given(
-            segment_length=_optional_int(segment_length, "segment_length"),
-            num_sensory=_optional_int(num_sensory, "num_sensory"),
-            cache_size=_optional_int(cache_size, "cache_size"),
-            recall_query="causal",
-        )
-        self.model, _, plain, _ = load_models(backbone, folder, reading, dtype, device, int(seed), False)
-        self.tokenizer, self.backbone_name = plain.tokenizer, plain.name
-        self.adapter = folder
+        # lm-eval hands model args over as text: each is read as JSON, as `--set KEY=VALUE` is.
+        reading = parse_settings([f"{key}={value}" for key, value in settings.items()])
+        loaded = load_model(
+            backbone, adapter=None if adapter == SHIPPED else (adapter or "none"),
+            settings=reading | {"recall_query": "causal"}, dtype=dtype, device=device, seed=int(seed),
+        )  # fmt: skip
+        self.model, self.tokenizer, self.backbone_name = loaded.model, loaded.tokenizer, loaded.backbone.name
+        self.adapter = loaded.adapter
 
     # ---- what lm-eval asks of a model -----------------------------------------------------------
 
@@ -235,17 +235,17 @@ class HMTLM(TemplateLM):
             stops.append(eot)
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
         do_sample = bool(gen_kwargs.get("do_sample", temperature > 0))
-        settings: dict[str, Any] = {
-            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", DEFAULT_MAX_GEN_TOKS))),
-            "do_sample": do_sample,
-            "eos_token_id": self.eot_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+        sampling = Sampling(
+            max_new_tokens=int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", DEFAULT_MAX_GEN_TOKS))),
+            temperature=(temperature or 1.0) if do_sample else 0.0,
+            top_p=float(gen_kwargs.get("top_p", 1.0)) if do_sample else 1.0,
+            top_k=int(gen_kwargs.get("top_k", 0) or 0) if do_sample else 0,
+            repetition_penalty=float(gen_kwargs.get("repetition_penalty", 1.0)),
+        )  # fmt: skip
+        pad = self.tokenizer.pad_token_id
+        settings = sampling.generate_kwargs() | {
+            "eos_token_id": self.eot_token_id, "pad_token_id": pad if pad is not None else self.eot_token_id,
         }  # fmt: skip
-        if do_sample:
-            settings["temperature"] = temperature or 1.0
-            settings.update({k: gen_kwargs[k] for k in ("top_p", "top_k") if k in gen_kwargs})
-        if "repetition_penalty" in gen_kwargs:
-            settings["repetition_penalty"] = float(gen_kwargs["repetition_penalty"])
         return settings, stops
 
     def _generate(self, contexts: list[str], settings: dict[str, Any], stops: list[str]) -> list[str]:
@@ -335,15 +335,6 @@ def _batch_size(value: int | str | None) -> int:
     if size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {size}")
     return size
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model arg {name} must be an integer, got {value!r}") from None
 
 
 __all__ = ["HMTLM"]

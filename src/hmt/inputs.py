@@ -119,3 +119,38 @@ def pack_inputs(
     ids = torch.where(inside, input_ids.gather(1, source), 0).long()
     packed_targets = torch.where(inside, targets.gather(1, source), IGNORE_INDEX).long()
     return PackedInputs(ids=ids, targets=packed_targets, lengths=lengths, offsets=starts)
+
+
+def logits_kept(seq_len: int, segment_length: int, return_logits: bool, num_logits: int | None) -> int:
+    """How many of the last input positions get their logits returned."""
+    if return_logits:
+        return seq_len
+    if num_logits is None:
+        return min(seq_len, segment_length)
+    if isinstance(num_logits, int) and not isinstance(num_logits, bool) and num_logits >= 0:
+        return min(seq_len, num_logits)
+    raise ValueError(f"num_logits must be a non-negative integer or None, got {num_logits!r}")
+
+
+def recorded_steps(grad_segments: torch.Tensor | None, batch: int, num_steps: int) -> list[bool]:
+    """Per segment step: whether it is recorded for backward (grad enabled and marked in some row)."""
+    enabled = torch.is_grad_enabled()
+    if grad_segments is None:
+        return [enabled] * num_steps
+    if (
+        not isinstance(grad_segments, torch.Tensor)
+        or grad_segments.dtype != torch.bool
+        or tuple(grad_segments.shape) != (batch, num_steps)
+    ):
+        raise ValueError(
+            f"grad_segments must be a bool tensor of shape (batch, segments) = ({batch}, {num_steps}), got "
+            f"{getattr(grad_segments, 'shape', grad_segments)!r}"
+        )
+    return [enabled and bool(marked) for marked in grad_segments.any(dim=0).tolist()]
+
+
+def padding_mask(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of right-padded rows, or None when no row is padded."""
+    positions = torch.arange(inputs.shape[1], device=inputs.device)
+    mask = (positions[None, :] < lengths[:, None]).long()
+    return None if bool(mask.all()) else mask

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from hmt import __version__
 from hmt.io import load_tensors, save_tensors
+from hmt.version import __version__
 
 STATE_FORMAT = "hmt-memory-state"
 
@@ -210,6 +210,34 @@ class MemoryState:
             raise ValueError("its carried prediction holds NaN or infinite logits")
         if bool((self.segments < 0).any()) or bool((self.tokens < 0).any()):
             raise ValueError("it counts a negative number of segments or tokens")
+
+    def check_fits(
+        self, memory_width: int, tokens_kept: int, vocab_size: int, cache_size: int, segment_length: int
+    ) -> None:
+        """Refuse a state another model made: memory width, recent tokens kept, vocabulary, more memories
+        than the cache holds, an unfinished segment the model's segments would have closed."""
+        if self.memories.shape[2] != memory_width or self.recent_ids.shape[1] != tokens_kept:
+            raise ValueError(
+                f"state was made by a model with memory width {self.memories.shape[2]} that keeps "
+                f"{self.recent_ids.shape[1]} recent tokens; this model has {memory_width} and keeps "
+                f"{tokens_kept} (num_sensory and the causal query's summary_length)"
+            )
+        if self.next_token_logits.shape[1] != vocab_size:
+            raise ValueError(
+                f"state was made for a vocabulary of {self.next_token_logits.shape[1]}, this backbone has "
+                f"{vocab_size}"
+            )
+        if self.memories.shape[1] > cache_size:
+            raise ValueError(
+                f"state holds {self.memories.shape[1]} memories, over this model's cache_size of "
+                f"{cache_size}: it was made with another configuration"
+            )
+        if self.pending_ids.shape[1] >= segment_length:
+            raise ValueError(
+                f"state holds {self.pending_ids.shape[1]} tokens of an unfinished segment, which this "
+                f"model's segments of {segment_length} would have closed"
+            )
+        self.check_vocabulary(vocab_size)  # the rest of its contents is checked when it is loaded
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Refuse recent token ids outside [0, vocab_size): the state was made with another backbone."""

@@ -22,29 +22,9 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hmt import __version__
-from hmt.backbone import (
-    BACKBONE_DIR,
-    attach_lora,
-    context_length,
-    eval_mode,
-    has_lora,
-    is_peft_model,
-    save_lora,
-    saved_backbone,
-)
-from hmt.config import (
-    GAINED_FIELDS,
-    IGNORE_INDEX,
-    MEMORY_MODES,
-    READING_FIELDS,
-    WRITING_MODES,
-    HMTConfig,
-    check_mode,
-)
-from hmt.finite import check_finite_weights
-from hmt.inputs import PackedInputs, pack_inputs
-from hmt.io import ADAPTER_NAME, load_adapter_files, save_adapter_files
+from hmt.backbone import bos_embedding, context_length, embedding_and_head, embedding_std, eval_mode
+from hmt.config import IGNORE_INDEX, MEMORY_MODES, READING_FIELDS, WRITING_MODES, HMTConfig, check_mode
+from hmt.inputs import PackedInputs, logits_kept, pack_inputs, padding_mask, recorded_steps
 from hmt.memory import MemoryState
 from hmt.recall import MemoryParameters
 from hmt.scoring import TokenScores
@@ -92,7 +72,7 @@ class HMTForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         config = config or HMTConfig()
-        embeddings, head = _embedding_and_head(backbone)
+        embeddings, head = embedding_and_head(backbone)
         embedding_dim = embeddings.embedding_dim
         output_dim = head.weight.shape[1]
         if config.embedding_dim is not None and config.embedding_dim != embedding_dim:
@@ -108,7 +88,6 @@ class HMTForCausalLM(nn.Module):
             raise ValueError(f"query_batch_size must be an integer >= 1, got {query_batch_size!r}")
         self.mode = check_mode(mode)
         _check_positions(backbone, config, self.mode)
-        _check_memory_layer(backbone, config, output_dim)
         self.backbone = backbone
         self.query_batch_size = query_batch_size
         self.config = config.replace(
@@ -117,26 +96,21 @@ class HMTForCausalLM(nn.Module):
             backbone_type=backbone.config.model_type,
             backbone=config.backbone or getattr(backbone.config, "_name_or_path", None) or None,
         )
-        self.memory = MemoryParameters(
-            embedding_dim,
-            output_dim,
-            self.config.recall_dim,
-            _embedding_std(embeddings),
-            self.config.memory_norm,
-            self.config.recall_norm,
-            self.config.recall_init,
-            _sink_init(backbone, embeddings) if self.config.attention_sink else None,
-            self.config.memory_tokens,
-            self.config.recall_temperature,
+        self.memory = MemoryParameters(  # T, m0, W_q, W_k, the sink and the memory scale: what HMT adds
+            embedding_dim=embedding_dim,
+            output_dim=output_dim,
+            recall_dim=self.config.recall_dim,
+            embedding_std=embedding_std(embeddings),
+            memory_tokens=self.config.memory_tokens,
+            memory_norm=self.config.memory_norm,
+            recall_norm=self.config.recall_norm,
+            recall_init=self.config.recall_init,
+            recall_temperature=self.config.recall_temperature,
+            sink_init=bos_embedding(backbone, embeddings) if self.config.attention_sink else None,
         ).to(device=embeddings.weight.device, dtype=torch.float32)
         self.memory.calibrate(*self._measure_norms())
 
     # ---- properties -------------------------------------------------------------------------
-
-    @property
-    def write_layer(self) -> int:
-        """Index into the backbone's hidden states of what a segment writes (-1: the final, normed one)."""
-        return -1 if self.config.memory_layer is None else self.config.memory_layer
 
     @property
     def embedding_dim(self) -> int:
@@ -159,6 +133,11 @@ class HMTForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         """The backbone's dtype (HMT's own parameters stay float32 whatever it is)."""
         return self.backbone.get_input_embeddings().weight.dtype
+
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        """The backbone's generation defaults (eos and pad ids, ...), which `generate` starts from."""
+        return getattr(self.backbone, "generation_config", None)
 
     def _apply(self, fn: Any, recurse: bool = True) -> HMTForCausalLM:
         """`.to(dtype/device)`, `.half()`, `.cuda()` ... as on any module, except that HMT's own parameters
@@ -198,6 +177,7 @@ class HMTForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        *,
         labels: torch.Tensor | None = None,
         state: MemoryState | None = None,
         mode: str | None = None,
@@ -242,9 +222,9 @@ class HMTForCausalLM(nn.Module):
         packed = packed.after_pending(state.pending_ids, state.pending_mask)
         length = self.config.segment_length
         num_steps = math.ceil(int(packed.lengths.max()) / length)
-        kept = _logits_kept(seq_len, length, return_logits, num_logits) if score else 0
+        kept = logits_kept(seq_len, length, return_logits, num_logits) if score else 0
         scores = TokenScores(packed, state, kept, seq_len, score)
-        recorded = _recorded_steps(grad_segments, batch, num_steps)
+        recorded = recorded_steps(grad_segments, batch, num_steps)
         queries = self._query(packed, state, num_steps, recorded) if mode == "hmt" else None
 
         recall_weights: list[torch.Tensor] = []
@@ -257,14 +237,13 @@ class HMTForCausalLM(nn.Module):
                 if weights is not None:
                     recall_weights.append(weights)
                 ending = None if score else start + seg_lengths == packed.lengths
-                logits, written = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone", ending)
+                logits, slots = self._augment(seg_ids, seg_lengths, state, read, mode != "backbone", ending)
                 scores.add_segment(start, seg_lengths, logits, ending)
-                memory = self.memory.to_memory(written) if mode in WRITING_MODES else None
             closed = (seg_lengths == length) | (
                 end_segment & (seg_lengths > 0) & (start + seg_lengths == packed.lengths)
             )
-            if memory is not None:  # outside the block: a forward-only step must not detach the whole cache
-                state = state.with_memory(memory, closed, self.config.cache_size)
+            if mode in WRITING_MODES:
+                state = self._write(state, slots, closed, recorded[step])
             state = state.with_segment_read(seg_ids, seg_lengths, closed)
         state = scores.carry_prediction(state.with_tokens_counted(packed.new_tokens))
         loss, token_losses, token_mask, logits = scores.finish()
@@ -281,23 +260,22 @@ class HMTForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        *,
         state: MemoryState | None = None,
         generation_config: GenerationConfig | None = None,
         **kwargs: Any,
     ) -> GenerationOutput:
-        """Read `input_ids` (continuing `state`), then generate; returns the new tokens and the state after
-        them (the prompt and every generated token read: pass it on to continue a conversation).
+        """Read `input_ids` (continuing `state`), then generate: a `GenerationOutput` with the new tokens
+        only (not the prompt) and the state after them (pass it on to continue a conversation).
 
-        Arguments follow transformers: a `GenerationConfig` (default: the backbone's) and/or
-        `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`,
-        `repetition_penalty`, `no_repeat_ngram_size`, `eos_token_id`, `pad_token_id` (any other
-        GenerationConfig field asked for is refused, never ignored: `generation.SUPPORTED_SETTINGS`);
-        `stop_strings` (with `tokenizer=`), `streamer` (e.g.
-        transformers' `TextStreamer`, batch size 1), `mode`; `end_segment=True` closes the prompt's last
-        segment first (a question read as its own segment, so the answer's recalls with it as the query).
-        Rows may be left-padded. Output has no length
-        limit: segments close and memories are written as the text grows, and within a segment each token
-        runs through the backbone's KV cache. Greedy output is the argmax of reading the growing text.
+        Arguments follow transformers: a `GenerationConfig` (default: `self.generation_config`) and/or
+        its fields `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`,
+        `repetition_penalty`, `no_repeat_ngram_size`, `eos_token_id`, `pad_token_id`; any other field
+        asked for (scores, `return_dict_in_generate`, beams, ...) is refused, never ignored
+        (`generation.SUPPORTED_SETTINGS`). Also `stop_strings` (with `tokenizer=`), `streamer` (batch
+        size 1), `mode`, and `end_segment=True` to close the prompt's last segment first (a question read
+        as its own segment). Rows may be left-padded. Output has no length limit; greedy output is the
+        argmax of reading the growing text.
         """
         from hmt.generation import generate
 
@@ -307,21 +285,18 @@ class HMTForCausalLM(nn.Module):
         self,
         tokenizer: Any,
         messages: str | list[dict[str, str]],
+        *,
         state: MemoryState | None = None,
         **generation: Any,
     ) -> AskAnswer:
-        """Answer a question (or chat messages with roles) from the memory in `state` (None: empty).
-
-        The ask path of `hmt ask`, `hmt chat` and the server (`hmt.ask.ask`): the turn (the tokenizer's chat
-        template, else plain `Question: ... Answer:`) is read as its own segment, then again opening the
-        answer's segment, and the answer generated. `generation`: as `generate` (max_new_tokens,
-        do_sample, ..., streamer, stop_strings). Returns the answer's text, its ids and the state after it.
-        """
+        """Answer a question (or chat messages with roles) from the memory in `state` (None: empty),
+        through the ask path of `hmt ask`, `hmt chat` and the server (`hmt.ask.ask`); `generation` as for
+        `generate`. Returns the answer's text, its ids and the state after it."""
         from hmt.ask import ask
 
         return ask(self, tokenizer, messages, state, **generation)
 
-    # ---- the four steps -------------------------------------------------------------------------
+    # ---- the four steps: query, recall, augment, write -------------------------------------------------------------------------
 
     def _query(
         self, packed: PackedInputs, state: MemoryState, num_steps: int, recorded: list[bool] | None = None
@@ -372,7 +347,7 @@ class HMTForCausalLM(nn.Module):
             sequences = [torch.cat([prompt, embed(tokens), prompt]) for _, tokens in chunk]
             lengths = torch.tensor([len(tokens) + 2 for _, tokens in chunk], device=prompt.device)
             with torch.set_grad_enabled(any(recorded[step] for step, _ in chunk)):
-                final = self._backbone_states(sequences, lengths, -1)
+                final = self._backbone_states(sequences, lengths)
             outputs.append(final[torch.arange(len(chunk), device=final.device), lengths - 1])
         computed = torch.cat(outputs).float()  # (distinct queries, output_dim), in `order`
         position = torch.empty(len(order), dtype=torch.long)
@@ -408,8 +383,8 @@ class HMTForCausalLM(nn.Module):
 
         Returns the logits at every segment position of the active rows, flattened row by row
         (sum(seg_lengths), vocab) — or, given `ending` (batch,) bool, only at the last position of the
-        active rows marked in it — and the states at the r write slots (batch, r, output_dim), zeros for
-        inactive rows (None without memory).
+        active rows marked in it — and the final hidden states at the r write slots (batch, r,
+        output_dim), zeros for inactive rows (None without memory): what `_write` turns into M_n.
         """
         dtype = self.backbone.get_input_embeddings().weight.dtype
         rows = torch.nonzero(seg_lengths > 0).flatten().tolist()
@@ -432,14 +407,24 @@ class HMTForCausalLM(nn.Module):
             keep = (positions[None, :] == ends[:, None] - 1) & ending[rows][:, None]
         if read is None:
             return self._backbone_logits(sequences, lengths, keep), None
-        logits, states = self._backbone_logits(sequences, lengths, keep, self.write_layer)
+        logits, states = self._backbone_logits(sequences, lengths, keep, with_states=True)
         # The write slots: the last r positions of each row.
         r = self.config.memory_tokens
         write_positions = lengths[:, None] - r + torch.arange(r, device=states.device)
         row_index = torch.arange(len(rows), device=states.device)[:, None]
-        written = states.new_zeros(seg_ids.shape[0], r, states.shape[-1])
-        written[torch.tensor(rows, device=states.device)] = states[row_index, write_positions]
-        return logits, written
+        slots = states.new_zeros(seg_ids.shape[0], r, states.shape[-1])
+        slots[torch.tensor(rows, device=states.device)] = states[row_index, write_positions]
+        return logits, slots
+
+    def _write(
+        self, state: MemoryState, slots: torch.Tensor, closed: torch.Tensor, recorded: bool
+    ) -> MemoryState:
+        """(4) M_n: the write slots' final states (batch, r, output_dim) brought to embedding scale
+        (`MemoryParameters.to_memory`), appended to the cache of the rows whose segment `closed`."""
+        with torch.set_grad_enabled(recorded):
+            memory = self.memory.to_memory(slots)
+        # Appended with grad as it is: a forward-only step must not detach the cache written before it.
+        return state.with_memory(memory, closed, self.config.cache_size)
 
     def _segment_embeddings(
         self,
@@ -500,38 +485,26 @@ class HMTForCausalLM(nn.Module):
 
     # ---- backbone calls ---------------------------------------------------------------------
 
-    def _backbone_states(
-        self, sequences: list[torch.Tensor], lengths: torch.Tensor, layer: int
-    ) -> torch.Tensor:
-        """Hidden states of `layer` for right-padded embedding sequences, no logits: (rows, width, dim)."""
-        inputs = pad_sequence(sequences, batch_first=True)
-        mask = _padding_mask(inputs, lengths)
-        out = self.backbone(
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            logits_to_keep=torch.zeros(inputs.shape[:2], dtype=torch.bool, device=inputs.device),
-            output_hidden_states=[layer],
-            use_cache=False,
-        )
-        return out.hidden_states[layer]
+    def _backbone_states(self, sequences: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states of right-padded embedding sequences, no logits: (rows, width, dim)."""
+        return self._backbone_logits(sequences, lengths, None, with_states=True)[1]
 
     def _backbone_logits(
-        self,
-        sequences: list[torch.Tensor],
-        lengths: torch.Tensor,
-        keep: torch.Tensor,
-        layer: int | None = None,
-    ):
-        """Logits at the `keep` positions (flattened), plus the hidden states of `layer` if asked."""
+        self, sequences: list[torch.Tensor], lengths: torch.Tensor, keep: torch.Tensor | None, *,
+        with_states: bool = False,
+    ):  # fmt: skip
+        """Logits at the `keep` positions (flattened; None: none), plus the final hidden states if asked."""
         inputs = pad_sequence(sequences, batch_first=True)
+        if keep is None:
+            keep = torch.zeros(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
         out = self.backbone(
             inputs_embeds=inputs,
-            attention_mask=_padding_mask(inputs, lengths),
+            attention_mask=padding_mask(inputs, lengths),
             logits_to_keep=keep,
-            output_hidden_states=[layer] if layer is not None else False,
+            output_hidden_states=[-1] if with_states else False,
             use_cache=False,
         )
-        return out.logits if layer is None else (out.logits, out.hidden_states[layer])
+        return (out.logits, out.hidden_states[-1]) if with_states else out.logits
 
     def _measure_norms(self) -> tuple[float, float]:
         """Mean norms of token embeddings and of the (projected) hidden states segments write, on a fixed
@@ -542,14 +515,9 @@ class HMTForCausalLM(nn.Module):
         ids = torch.arange(length, device=embeddings.weight.device) * step
         with torch.no_grad(), eval_mode(self.backbone):  # no dropout in the probe
             inputs = embeddings(ids)
-            states = self._backbone_states(
-                [inputs], torch.tensor([length], device=ids.device), self.write_layer
+            hidden = self.memory.project(
+                self._backbone_states([inputs], torch.tensor([length], device=ids.device))
             )
-            hidden = self.memory.project(states)
-            if self.config.memory_layer is not None:
-                # A middle layer's first position holds the attention sink's outsized state; the write
-                # slots, at a segment's end, never do.
-                hidden = hidden[:, 1:]
         return float(inputs.float().norm(dim=-1).mean()), float(hidden.norm(dim=-1).mean())
 
     # ---- state checks ---------------------------------------------------------------------------
@@ -568,54 +536,30 @@ class HMTForCausalLM(nn.Module):
         return self.fit_state(state)
 
     def fit_state(self, state: MemoryState) -> MemoryState:
-        """`state` checked against this model — memory width, recent tokens kept, vocabulary, cache size,
-        an unfinished segment shorter than L — and put on its device, in float32 (a state saved from
-        another dtype reads the same). A state that does not fit raises ValueError naming the mismatch."""
-        if (
-            state.memories.shape[2] != self.memory_width
-            or state.recent_ids.shape[1] != self.config.tokens_kept
-        ):
-            raise ValueError(
-                f"state was made by a model with memory width {state.memories.shape[2]} that keeps "
-                f"{state.recent_ids.shape[1]} recent tokens; this model has {self.memory_width} and keeps "
-                f"{self.config.tokens_kept} (num_sensory and the causal query's summary_length)"
-            )
-        if state.next_token_logits.shape[1] != self.vocab_size:
-            raise ValueError(
-                f"state was made for a vocabulary of {state.next_token_logits.shape[1]}, this backbone has "
-                f"{self.vocab_size}"
-            )
-        if state.memories.shape[1] > self.config.cache_size:
-            raise ValueError(
-                f"state holds {state.memories.shape[1]} memories, over this model's cache_size of "
-                f"{self.config.cache_size}: it was made with another configuration"
-            )
-        if state.pending_ids.shape[1] >= self.config.segment_length:
-            raise ValueError(
-                f"state holds {state.pending_ids.shape[1]} tokens of an unfinished segment, which this "
-                f"model's segments of {self.config.segment_length} would have closed"
-            )
-        state.check_vocabulary(self.vocab_size)  # the rest of its contents is checked when it is loaded
+        """`state` checked against this model (`MemoryState.check_fits`) and put on its device, in float32
+        (a state saved from another dtype reads the same)."""
+        cfg = self.config
+        state.check_fits(
+            self.memory_width, cfg.tokens_kept, self.vocab_size, cfg.cache_size, cfg.segment_length
+        )
         return state.to(self.device).floating_as(torch.float32)
 
     # ---- save / load --------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, save_backbone: bool = False) -> None:
-        """Write HMT's own parameters (safetensors) and config (JSON), plus LoRA weights if the backbone
-        has them (peft's files). The backbone itself is written (to `backbone/`) only if asked, e.g.
-        after full fine-tuning."""
-        directory = Path(directory)
-        if is_peft_model(self.backbone):
-            save_lora(self.backbone, directory)
-        if save_backbone:
-            self.backbone.save_pretrained(directory / BACKBONE_DIR)
-        tensors = {name: p.detach().float() for name, p in self.memory.state_dict().items()}
-        save_adapter_files(directory, self.config.replace(hmt_version=__version__), tensors)
+    def save_pretrained(
+        self, directory: str | Path, *, save_backbone: bool = False, lora_dtype: torch.dtype | None = None
+    ) -> None:
+        """Write HMT's own parameters (safetensors, float32) and config (JSON), plus LoRA weights if the
+        backbone has them (peft's files; as trained, or in `lora_dtype`, e.g. torch.bfloat16 for half the
+        size). The backbone itself is written (to `backbone/`) only if asked, e.g. after full fine-tuning."""
+        from hmt.pretrained import save_adapter
+
+        save_adapter(self, Path(directory), save_backbone=save_backbone, lora_dtype=lora_dtype)
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
+        location: str | Path,
         backbone: PreTrainedModel,
         *,
         merge_lora: bool = False,
@@ -626,163 +570,20 @@ class HMTForCausalLM(nn.Module):
     ) -> HMTForCausalLM:
         """Restore an adapter written by `save_pretrained` onto `backbone`, refusing one that does not fit.
 
-        LoRA weights in the folder are merged into a copy of `backbone`, so the caller's model stays the
-        plain backbone; `merge_lora=True` merges them into `backbone` itself (no copy: the caller's model
-        changes), `trainable_lora=True` attaches them as trainable peft adapters (for training). An
-        adapter trained with the whole backbone fine-tuned must be given that backbone (its `backbone/`
-        folder). `settings` may override the reading settings (READING_FIELDS, e.g. cache_size); other
-        HMTConfig fields may be given only with the adapter's own values (they are tied to its weights).
+        `location`: the adapter's folder, or a Hugging Face Hub repo id (downloaded with huggingface_hub,
+        or found in its cache when offline). LoRA weights in it are merged into a copy of `backbone`, so
+        the caller's model stays the plain backbone; `merge_lora=True` merges them into `backbone` itself
+        (no copy: the caller's model changes), `trainable_lora=True` attaches them as trainable peft
+        adapters (for training). An adapter trained with the whole backbone fine-tuned must be given that
+        backbone (its `backbone/` folder). `settings` may override the reading settings (READING_FIELDS,
+        e.g. cache_size); other HMTConfig fields only with the adapter's own values (tied to its weights).
         """
-        directory = Path(directory)
-        config, tensors = load_adapter_files(directory)
-        check_finite_weights(tensors.items(), directory / ADAPTER_NAME)
-        given = {k: v for k, v in settings.items() if v is not None}
-        # A field that adds parameters may be switched on for an adapter saved without it (fine-tuning).
-        gained = [k for k in given if k in GAINED_FIELDS and getattr(config, k) is None]
-        tied = sorted(
-            k
-            for k, v in given.items()
-            if k not in READING_FIELDS and k not in gained and getattr(config, k, v) != v
-        )
-        if tied:
-            raise ValueError(
-                f"{', '.join(tied)} differ from the adapter in {directory} and are tied to the parameters: "
-                "leave them out, or start a fresh model"
-            )
-        config = config.replace(**given)
-        _check_adapter_fits(directory, config, backbone)
-        if has_lora(directory):
-            backbone = attach_lora(backbone, directory, trainable=trainable_lora, in_place=merge_lora)
-        model = cls(backbone, config, mode=mode, query_batch_size=query_batch_size)
-        expected = model.memory.state_dict()
-        fresh = {name for field_name in gained for name in _GAINED_PARAMETERS[field_name]}
-        missing = sorted(set(expected) - set(tensors) - fresh)
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory} holds HMT parameters that do not match this model: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{directory}: {name} has shape {tuple(tensor.shape)}, this backbone needs "
-                    f"{tuple(expected[name].shape)}"
-                )
-        model.memory.load_state_dict(tensors, strict=not fresh)
-        return model
+        from hmt.pretrained import load_adapter
 
-
-# The parameters each of GAINED_FIELDS adds: they start fresh when an adapter gains the field.
-_GAINED_PARAMETERS: dict[str, tuple[str, ...]] = {"recall_temperature": ("recall_log_temperature",)}
-
-
-def _logits_kept(seq_len: int, segment_length: int, return_logits: bool, num_logits: int | None) -> int:
-    """How many of the last input positions get their logits returned."""
-    if return_logits:
-        return seq_len
-    if num_logits is None:
-        return min(seq_len, segment_length)
-    if isinstance(num_logits, int) and not isinstance(num_logits, bool) and num_logits >= 0:
-        return min(seq_len, num_logits)
-    raise ValueError(f"num_logits must be a non-negative integer or None, got {num_logits!r}")
-
-
-def _recorded_steps(grad_segments: torch.Tensor | None, batch: int, num_steps: int) -> list[bool]:
-    """Per segment step: whether it is recorded for backward (grad enabled and marked in some row)."""
-    enabled = torch.is_grad_enabled()
-    if grad_segments is None:
-        return [enabled] * num_steps
-    if (
-        not isinstance(grad_segments, torch.Tensor)
-        or grad_segments.dtype != torch.bool
-        or tuple(grad_segments.shape) != (batch, num_steps)
-    ):
-        raise ValueError(
-            f"grad_segments must be a bool tensor of shape (batch, segments) = ({batch}, {num_steps}), got "
-            f"{getattr(grad_segments, 'shape', grad_segments)!r}"
-        )
-    return [enabled and bool(marked) for marked in grad_segments.any(dim=0).tolist()]
-
-
-def _padding_mask(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask of right-padded rows, or None when no row is padded."""
-    positions = torch.arange(inputs.shape[1], device=inputs.device)
-    mask = (positions[None, :] < lengths[:, None]).long()
-    return None if bool(mask.all()) else mask
-
-
-def _check_adapter_fits(directory: Path, config: HMTConfig, backbone: PreTrainedModel) -> None:
-    """Refuse a backbone of another kind or width, or the plain backbone for a fully fine-tuned adapter."""
-    kind = backbone.config.model_type
-    if config.backbone_type is not None and config.backbone_type != kind:
-        raise ValueError(
-            f"adapter in {directory} was made for a {config.backbone_type} backbone "
-            f"({config.backbone or 'unnamed'}), but this backbone is {kind}; load it onto the backbone it "
-            "was trained with"
-        )
-    embedding_dim = backbone.get_input_embeddings().embedding_dim
-    if config.embedding_dim is not None and config.embedding_dim != embedding_dim:
-        raise ValueError(
-            f"adapter in {directory} was made for embedding width {config.embedding_dim}, but this "
-            f"backbone has width {embedding_dim}; load it onto the backbone it was trained with"
-        )
-    saved = saved_backbone(directory)
-    if saved is not None:
-        given = getattr(backbone, "name_or_path", None) or getattr(backbone.config, "_name_or_path", "")
-        if not given or Path(given).resolve() != Path(saved).resolve():
-            raise ValueError(
-                f"adapter in {directory} was trained with the whole backbone fine-tuned; its backbone is "
-                f"{saved}: load that one (load_backbone('{saved}'), or hmt eval loads it for you)"
-            )
-
-
-def _embedding_and_head(backbone: nn.Module) -> tuple[nn.Embedding, nn.Module]:
-    """The backbone's input embedding and LM head, or a clear error if it is not a causal LM."""
-    if not hasattr(backbone, "get_input_embeddings") or not hasattr(backbone, "config"):
-        raise TypeError(
-            f"backbone must be a transformers causal LM (e.g. AutoModelForCausalLM), got {type(backbone).__name__}"
-        )
-    embeddings = backbone.get_input_embeddings()
-    head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-    if not isinstance(embeddings, nn.Embedding) or head is None or not hasattr(head, "weight"):
-        raise TypeError(
-            f"{type(backbone).__name__} has no token embedding and LM head; load it with AutoModelForCausalLM"
-        )
-    return embeddings, head
-
-
-def _embedding_std(embeddings: nn.Embedding) -> float:
-    """Spread of the backbone's token embeddings as the model sees them (any internal scaling included)."""
-    with torch.no_grad():
-        sample = torch.arange(min(embeddings.num_embeddings, 8192), device=embeddings.weight.device)
-        return float(embeddings(sample).float().std())
-
-
-def _sink_init(backbone: PreTrainedModel, embeddings: nn.Embedding) -> torch.Tensor:
-    """The backbone's BOS embedding (what it saw first in pre-training), else its first token's."""
-    bos = getattr(backbone.config, "bos_token_id", None)
-    index = bos if isinstance(bos, int) and 0 <= bos < embeddings.num_embeddings else 0
-    with torch.no_grad():
-        return embeddings(torch.tensor([index], device=embeddings.weight.device))[0].float()
-
-
-def _check_memory_layer(backbone: PreTrainedModel, config: HMTConfig, output_dim: int) -> None:
-    """Refuse a memory_layer the backbone does not have, or whose states are not as wide as its output."""
-    if config.memory_layer is None:
-        return
-    layers = getattr(backbone.config, "num_hidden_layers", None)
-    if isinstance(layers, int) and config.memory_layer > layers:
-        raise ValueError(
-            f"memory_layer = {config.memory_layer}, but the backbone has {layers} layers; "
-            f"give 1 to {layers}, or none for the final hidden state"
-        )
-    width = getattr(backbone.config, "hidden_size", output_dim)
-    if width != output_dim:
-        raise ValueError(
-            f"memory_layer needs layer outputs as wide as the final hidden state, but this backbone's "
-            f"layers are {width} wide and its output {output_dim}; leave memory_layer unset"
-        )
+        return load_adapter(
+            cls, location, backbone, merge_lora=merge_lora, trainable_lora=trainable_lora, mode=mode,
+            query_batch_size=query_batch_size, settings=settings,
+        )  # fmt: skip
 
 
 def _check_positions(backbone: PreTrainedModel, config: HMTConfig, mode: str) -> None:

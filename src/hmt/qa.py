@@ -26,7 +26,6 @@ from hmt.facts import STORY_TASKS, FactMaker, FactSample, answer_found
 
 QA_TASKS: tuple[str, ...] = ("fact", "multikey", *STORY_TASKS)
 QA_ROWS: tuple[str, ...] = ("full", "sliding", "hmt")
-READ_CHUNK = 4096  # tokens read per forward call (memory use, not results)
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,9 @@ def reading_mode(model: Any, mode: str) -> Iterator[Any]:
 
 def read_into_memory(model: Any, context: torch.Tensor, state: Any = None) -> Any:
     """Read `context` (1-D ids) into memory without scoring, in chunks; the state after it."""
-    with torch.no_grad():
-        for start in range(0, len(context), READ_CHUNK):
-            chunk = context[start : start + READ_CHUNK].to(model.device)
-            state = model(chunk[None], state=state, score=False).state
-    return state
+    from hmt.reading import read
+
+    return read(model, context, state)
 
 
 def ask_memory_row(model: Any, tokenizer: Any, sample: FactSample, mode: str, max_new_tokens: int) -> str:

@@ -21,16 +21,17 @@ class MemoryParameters(nn.Module):
 
     def __init__(
         self,
+        *,
         embedding_dim: int,
         output_dim: int,
         recall_dim: int,
         embedding_std: float,
+        memory_tokens: int = 1,
         memory_norm: str = "learned",
         recall_norm: bool = True,
         recall_init: str = "similarity",
-        sink_init: torch.Tensor | None = None,
-        memory_tokens: int = 1,
         recall_temperature: float | None = None,
+        sink_init: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -81,8 +82,6 @@ class MemoryParameters(nn.Module):
         memory = self.project(hidden)
         if self.memory_norm == "learned":
             memory = memory * self.memory_scale
-        elif self.memory_norm == "match":
-            memory = memory / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embedding_norm
         return memory.flatten(-2)
 
     def as_tokens(self, memory: torch.Tensor) -> torch.Tensor:

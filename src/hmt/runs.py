@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from hmt import __version__
 from hmt.config import HMTConfig
 from hmt.io import CONFIG_NAME, read_json, write_text_atomic
 from hmt.train import AuxiliaryLoss, Progress, TrainConfig, TrainSummary
+from hmt.version import __version__
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -77,6 +77,35 @@ class RunSettings:
         for name in ("answer_in_memory", "recall_loss"):
             if getattr(self, name) < 0 or (getattr(self, name) and not self.tasks):
                 raise ValueError(f"{name} must be >= 0 and is used only with recall tasks")
+
+
+def read_run_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings a `run.json` records, as (RunSettings fields, TrainConfig fields): what `hmt train
+    --config` starts from. Unknown keys, or a file that is not a run record, are a ValueError."""
+    from dataclasses import fields
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no run file {path}: give the run.json of an earlier run (hmt train writes one)"
+        )
+    record = read_json(path)
+    data = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+        raise ValueError(
+            f"{path} is not a run record: it has no settings.train (see a run folder's run.json)"
+        )
+    run = {k: v for k, v in data.items() if k != "train"}
+    known, train_known = {f.name for f in fields(RunSettings)}, {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(run) - known) + sorted(f"train.{k}" for k in set(data["train"]) - train_known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown} (written by another hmt version?)")
+    for name in ("data", "lora_targets", "tasks"):  # JSON lists back to the tuples RunSettings holds
+        if isinstance(run.get(name), list):
+            run[name] = tuple(run[name])
+    if run.get("init_from") is not None:
+        run["init_from"] = Path(run["init_from"])
+    return run, dict(data["train"])
 
 
 def train_run(

@@ -44,6 +44,8 @@ from transformers import TextStreamer
 from hmt.ask import ask_turn, encode
 from hmt.batching import Batch, Row
 from hmt.memory import MemoryState
+from hmt.reading import read_steps
+from hmt.sampling import Sampling
 from hmt.sessions import ModelMismatch, SessionInfo, SessionStore, check_name
 
 log = logging.getLogger("hmt.server")
@@ -330,13 +332,14 @@ class Engine:
         """`read` a chunk (whole segments: the same memory as one call) per step of the generator, so
         the model thread decodes between chunks; returns the state."""
         chunk = _whole_segments(READ_CHUNK, self.model.config.segment_length) or READ_CHUNK
-        with torch.no_grad():
-            for start in range(0, ids.numel(), chunk):
+        if job.cancel.is_set():
+            raise Cancelled
+        for done, after in read_steps(self.model, ids, state, chunk=chunk):
+            state = after
+            if done < ids.numel():
+                yield
                 if job.cancel.is_set():
                     raise Cancelled
-                state = self.model(ids[None, start : start + chunk], state=state, score=False).state
-                if start + chunk < ids.numel():
-                    yield
         return state
 
     def finish(self, row: Row, stops: list[str]) -> tuple[str, str]:
@@ -641,9 +644,7 @@ async def _complete(
         _check_text(text, "the request's text")
     ids, turn_stops = await asyncio.to_thread(_prepare, engine, prompt, messages)
     _check_input(ids, limits)
-    settings: dict[str, Any] = {"max_new_tokens": new, "do_sample": body.temperature > 0}
-    if body.temperature > 0:
-        settings.update(temperature=body.temperature, top_p=body.top_p, top_k=None)
+    settings = Sampling(max_new_tokens=new, temperature=body.temperature, top_p=body.top_p).generate_kwargs()
     created, reply_id = (
         int(time.time()),
         f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",

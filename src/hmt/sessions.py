@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from hmt import __version__
 from hmt.io import read_json, write_text_atomic
 from hmt.memory import MemoryState
+from hmt.version import __version__
 
 STATE_SUFFIX = ".memory.safetensors"  # the memory file of sessions saved before files were versioned
 INFO_SUFFIX = ".session.json"

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from hmt.cli.options import (
+    AdapterOpt,
     BackboneOpt,
     CacheSizeOpt,
     DeviceOpt,
@@ -21,7 +22,8 @@ from hmt.cli.options import (
     NumSensoryOpt,
     OverwriteOpt,
     SegmentLengthOpt,
-    given,
+    SetOpt,
+    reading_settings,
     split_ints,
     split_list,
 )
@@ -39,9 +41,11 @@ def bench_command(
     lengths: Annotated[
         str, typer.Option(help="Comma-separated stream lengths in tokens.")
     ] = "1024,4096,16384",
+    adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     full_window: FullWindowOpt = None,
     repeats: Annotated[
         int, typer.Option(help="Measure each row this many times; the fastest run and highest peak count.")
@@ -72,14 +76,22 @@ def bench_command(
     from hmt.io import check_output, write_text_atomic
     from hmt.plots import plot_bench
 
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
+    model = {
+        "adapter": str(adapter) if adapter is not None else None,
+        "settings": reading,
+        "backbone": backbone,
+    }
     if generate:
-        generate_bench(out, new_tokens, read_tokens, repeats, segment_length, num_sensory, cache_size,
-                       backbone, dtype, device, overwrite)  # fmt: skip
+        generate_bench(out, new_tokens, read_tokens, repeats, model, dtype, device, overwrite)
         return
     config = BenchConfig(
         modes=split_list(modes),
         lengths=split_ints(lengths, "--lengths"),
-        **given(segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size),
+        adapter=model["adapter"],
+        settings=reading,
         full_window=full_window,
         repeats=repeats,
         backbone=backbone,
@@ -109,8 +121,7 @@ def bench_command(
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
-def generate_bench(out, new_tokens, read_tokens, repeats, segment_length, num_sensory, cache_size,
-                   backbone, dtype, device, overwrite) -> None:  # fmt: skip
+def generate_bench(out, new_tokens, read_tokens, repeats, model, dtype, device, overwrite) -> None:
     """`hmt bench --generate`: generation and long-read speed, a table and generate.json."""
     from rich.console import Console
     from rich.table import Table
@@ -120,9 +131,7 @@ def generate_bench(out, new_tokens, read_tokens, repeats, segment_length, num_se
     from hmt.io import check_output, write_text_atomic
 
     config = GenerationBenchConfig(
-        new_tokens=new_tokens, read_tokens=read_tokens, repeats=repeats,
-        **given(segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size),
-        backbone=backbone, dtype=dtype, device=device,
+        new_tokens=new_tokens, read_tokens=read_tokens, repeats=repeats, **model, dtype=dtype, device=device,
     )  # fmt: skip
     resolve_device(device)
     results_path = check_output(out, GENERATE_NAME, overwrite)
@@ -185,10 +194,13 @@ def bench_table(report: dict[str, Any]):
     memory = (
         "GPU memory allocated" if report["rows"] and report["rows"][0]["memory"] == "cuda" else "process RSS"
     )
+    read = report["rows"][0]["model_config"] if report["rows"] else {}
+    adapter = settings["adapter"] or "the shipped adapter (default backbone)"
     table = Table(
         title="Reading a stream: speed and peak memory",
-        caption=f"L={settings['segment_length']}, k={settings['num_sensory']}, N={settings['cache_size']} · "
-        f"memory: {memory} · fastest of {settings['repeats']} run(s) per row",
+        caption=f"{adapter} · L={read.get('segment_length')}, k={read.get('num_sensory')}, "
+        f"r={read.get('memory_tokens')}, N={read.get('cache_size')} · memory: {memory} · fastest of "
+        f"{settings['repeats']} run(s) per row",
     )
     for name in ("tokens", "mode", "tokens/s", "vs backbone", "peak MB", "above model MB"):
         table.add_column(name, justify="left" if name == "mode" else "right")

@@ -11,7 +11,6 @@ import typer
 if TYPE_CHECKING:
     from rich.table import Table
 
-from hmt.cli.eval import load_models, resolve_adapter
 from hmt.cli.options import (
     AdapterOpt,
     BackboneOpt,
@@ -21,8 +20,8 @@ from hmt.cli.options import (
     NumSensoryOpt,
     OverwriteOpt,
     SegmentLengthOpt,
-    SharpenRecallOpt,
-    given,
+    SetOpt,
+    reading_settings,
     split_ints,
     split_list,
 )
@@ -57,7 +56,7 @@ def needle_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
-    sharpen_recall_after: SharpenRecallOpt = None,
+    settings: SetOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Folder for results.json and heatmaps; default runs/needle-<time>.")
     ] = None,
@@ -78,10 +77,11 @@ def needle_command(
 
     from rich.console import Console
 
-    from hmt.backbone import quiet_transformers, resolve_device
+    from hmt.backbone import resolve_device
     from hmt.cli.console import ModeProgress
     from hmt.data.corpus import load_documents, token_stream
     from hmt.io import check_output, write_text_atomic
+    from hmt.loading import load_model
     from hmt.needle import NeedleConfig, run_needle
     from hmt.plots import plot_needle
     from hmt.tasks import RecallTasks
@@ -96,20 +96,18 @@ def needle_command(
         rows=split_list(rows), num_keys=num_keys, seed=seed,
     )  # fmt: skip
     resolve_device(device)
-    adapter = resolve_adapter(adapter, backbone)
+    # Always the causal query: the paper's would put each candidate answer in its own recall query.
+    reading = reading_settings(settings, segment_length=segment_length, num_sensory=num_sensory,
+                               cache_size=cache_size) | {"recall_query": "causal"}  # fmt: skip
     out = out or Path("runs") / f"needle-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = check_output(out, RESULTS_NAME, overwrite)
-    quiet_transformers()
+    documents = load_documents(data, split)  # before the model loads
     with console.status("loading the backbone"):
-        # Always the causal query: the paper's would put each candidate answer in its own recall query.
-        reading = given(
-            segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-            sharpen_recall_after=sharpen_recall_after,
-            recall_query="causal",
-        )  # fmt: skip
-        model, _, plain, labels = load_models(backbone, adapter, reading, dtype, device, seed, False)
-        model.eval()
-        haystack = token_stream(load_documents(data, split), plain.tokenizer)
+        loaded = load_model(
+            backbone, adapter=adapter, settings=reading, dtype=dtype, device=device, seed=seed
+        )
+        model, plain, labels, adapter = loaded.model, loaded.backbone, loaded.weights, loaded.adapter
+        haystack = token_stream(documents, plain.tokenizer)
     if haystack.numel() == 0:
         raise ValueError(f"{data} ({split} split) holds no text to make a haystack from")
     longest = max(config.lengths)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from hmt.config import READING_FIELDS
+
 
 def config_help(name: str) -> str:
     from hmt.config import HMTConfig
@@ -72,21 +74,40 @@ AdapterOpt = Annotated[
         "Default: the adapter shipped for the default backbone; 'none': untrained memory parameters."
     ),
 ]
-# Model settings: None keeps the adapter's (or the default) value.
-SegmentLengthOpt = Annotated[int | None, typer.Option(help=config_help("segment_length") + " Default: 512.")]
-NumSensoryOpt = Annotated[int | None, typer.Option(help=config_help("num_sensory") + " Default: 32.")]
-CacheSizeOpt = Annotated[int | None, typer.Option(help=config_help("cache_size") + " Default: 300.")]
-SharpenRecallOpt = Annotated[
-    int | None, typer.Option(help=config_help("sharpen_recall_after") + " Default: the adapter's, else None.")
+# Reading settings: the same on every command that loads a model. None keeps the adapter's value.
+SegmentLengthOpt = Annotated[
+    int | None, typer.Option(help=config_help("segment_length") + " Default: the adapter's, else 256.")
 ]
-SummaryLengthOpt = Annotated[int | None, typer.Option(help=config_help("summary_length"))]
-RecallQueryOpt = Annotated[
-    str | None, typer.Option(help=config_help("recall_query") + " Default: the adapter's, else causal.")
+NumSensoryOpt = Annotated[
+    int | None, typer.Option(help=config_help("num_sensory") + " Default: the adapter's, else 32.")
 ]
-MemoryTokensOpt = Annotated[int | None, typer.Option(help=config_help("memory_tokens") + " Default: 1.")]
-MemoryLayerOpt = Annotated[
-    int | None, typer.Option(help=config_help("memory_layer") + " Default: the final hidden state.")
+CacheSizeOpt = Annotated[
+    int | None, typer.Option(help=config_help("cache_size") + " Default: the adapter's, else 300.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help='A model setting (repeatable; VALUE as JSON, e.g. null, 8, "causal"): any HMTConfig field '
+        f"(docs/method.md). Over an adapter, the reading settings ({', '.join(READING_FIELDS)}); the others "
+        "are tied to its weights and may be set only for untrained memory (--adapter none).",
+    ),
 ]
 FullWindowOpt = Annotated[
     int | None, typer.Option(help="Window of the 'full' mode; default: the backbone's context length.")
 ]
+
+
+def reading_settings(pairs: list[str] | None, **named: object) -> dict:
+    """The model settings a command was given: its named flags (not None) and its `--set KEY=VALUE`
+    pairs (any settable HMTConfig field; loading an adapter refuses those tied to its weights), a key
+    given both ways refused."""
+    from hmt.config import parse_settings
+
+    chosen = given(**named)
+    extra = parse_settings(pairs or [])
+    both = sorted(set(chosen) & set(extra))
+    if both:
+        raise ValueError(f"{', '.join(both)} given both as a flag and with --set: give it once")
+    return {**chosen, **extra}

@@ -12,7 +12,6 @@ import typer
 if TYPE_CHECKING:
     from rich.table import Table
 
-from hmt.cli.eval import load_models, resolve_adapter
 from hmt.cli.options import (
     AdapterOpt,
     BackboneOpt,
@@ -22,8 +21,8 @@ from hmt.cli.options import (
     NumSensoryOpt,
     OverwriteOpt,
     SegmentLengthOpt,
-    SharpenRecallOpt,
-    given,
+    SetOpt,
+    reading_settings,
     split_ints,
     split_list,
 )
@@ -33,21 +32,13 @@ OutOpt = Annotated[Path | None, typer.Option(help="Folder for results.json; defa
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens each answer may have (greedy).")]
 
 
-def _load(
-    backbone, adapter, segment_length, num_sensory, cache_size, sharpen_recall_after, dtype, device, seed
-):
-    from hmt.backbone import quiet_transformers, resolve_device
+def _load(backbone, adapter, reading, dtype, device, seed):
+    """The model read through the ask path (always the causal query: the question is the answer's)."""
+    from hmt.loading import load_model
 
-    resolve_device(device)
-    adapter = resolve_adapter(adapter, backbone)
-    quiet_transformers()
-    reading = given(
-        segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-        sharpen_recall_after=sharpen_recall_after, recall_query="causal",
-    )  # fmt: skip
-    model, _, plain, labels = load_models(backbone, adapter, reading, dtype, device, seed, False)
-    model.eval()
-    return adapter, model, plain, labels
+    loaded = load_model(backbone, adapter=adapter, settings=reading | {"recall_query": "causal"}, dtype=dtype,
+                        device=device, seed=seed)  # fmt: skip
+    return loaded.adapter, loaded.model, loaded.backbone, loaded.weights
 
 
 def qa_command(
@@ -77,7 +68,7 @@ def qa_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
-    sharpen_recall_after: SharpenRecallOpt = None,
+    settings: SetOpt = None,
     out: OutOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
@@ -101,6 +92,9 @@ def qa_command(
     from hmt.qa import QAConfig, run_qa
 
     console = Console()
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     try:
         depth_values = tuple(float(d) / 100 for d in split_list(depths))
     except ValueError:
@@ -116,9 +110,7 @@ def qa_command(
     out = out or Path("runs") / f"qa-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = check_output(out, RESULTS_NAME, overwrite)
     with console.status("loading the model"):
-        adapter, model, plain, labels = _load(
-            backbone, adapter, segment_length, num_sensory, cache_size, sharpen_recall_after, dtype, device, seed
-        )  # fmt: skip
+        adapter, model, plain, labels = _load(backbone, adapter, reading, dtype, device, seed)
         haystack = token_stream(documents, plain.tokenizer)
     if haystack.numel() == 0:
         raise ValueError(f"{data} ({split} split) holds no text to make a haystack from")
@@ -204,7 +196,7 @@ def voice_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
-    sharpen_recall_after: SharpenRecallOpt = None,
+    settings: SetOpt = None,
     out: OutOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
@@ -226,6 +218,9 @@ def voice_command(
     from hmt.voice import voice_report
 
     console = Console()
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     if prompts is not None:
         if not prompts.is_file():
             raise FileNotFoundError(f"{prompts} is not a file")
@@ -243,9 +238,7 @@ def voice_command(
     out = out or Path("runs") / f"voice-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results_path = check_output(out, RESULTS_NAME, overwrite)
     with console.status("loading the model"):
-        adapter, model, plain, labels = _load(
-            backbone, adapter, segment_length, num_sensory, cache_size, sharpen_recall_after, dtype, device, seed
-        )  # fmt: skip
+        adapter, model, plain, labels = _load(backbone, adapter, reading, dtype, device, seed)
     contexts: dict[str, Any] = {"empty": None}
     if context_tokens:
         text = token_stream(documents, plain.tokenizer, context_tokens)

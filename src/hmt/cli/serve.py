@@ -10,11 +10,13 @@ import typer
 from hmt.cli.options import (
     AdapterOpt,
     BackboneOpt,
+    CacheSizeOpt,
     DeviceOpt,
     DtypeOpt,
     NumSensoryOpt,
     SegmentLengthOpt,
-    given,
+    SetOpt,
+    reading_settings,
 )
 from hmt.cli.session import SessionsDirOpt, sessions_dir
 
@@ -47,6 +49,8 @@ def serve_command(
     adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of untrained memory parameters.")] = 0,
@@ -61,8 +65,12 @@ def serve_command(
         raise ImportError(
             f"hmt serve needs fastapi and uvicorn ({err}): pip install 'hmt-lm[serve]'"
         ) from None
-    from hmt.cli.session import Reader
+    from hmt.cli.session import load_reader
     from hmt.sessions import SessionStore
+
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
 
     if min(max_new_tokens, max_input_tokens, max_queue) < 1 or not 0 < max_request_mb < float("inf"):
         raise ValueError(
@@ -80,9 +88,7 @@ def serve_command(
     removed = store.clean()
     if removed:
         typer.echo(f"removed {len(removed)} files left by interrupted saves in {store.directory}", err=True)
-    reader = Reader(
-        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
-    )
+    reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     name = reader.identity["backbone"] + ("+hmt" if reader.adapter is not None else "+hmt-untrained")
     limits = ServerLimits(int(max_request_mb * 2**20), max_new_tokens, max_input_tokens, max_queue)
     engine = Engine(reader.model, reader.tokenizer, reader.identity, store, name, limits)

@@ -13,11 +13,13 @@ import typer
 from hmt.cli.options import (
     AdapterOpt,
     BackboneOpt,
+    CacheSizeOpt,
     DeviceOpt,
     DtypeOpt,
     NumSensoryOpt,
     SegmentLengthOpt,
-    given,
+    SetOpt,
+    reading_settings,
 )
 
 SESSIONS_VARIABLE = "HMT_SESSIONS_DIR"
@@ -59,70 +61,40 @@ def sessions_dir(given_dir: Path | None) -> Path:
     return Path(os.environ.get(SESSIONS_VARIABLE) or Path.home() / ".hmt" / "sessions")
 
 
-class Reader:
-    """The model, tokenizer and identity that read and use sessions, loaded once per command."""
+def load_reader(backbone: str | None, adapter: Path | None, reading: dict, dtype: str, device: str | None,
+                seed: int) -> Any:  # fmt: skip
+    """The model that reads and uses sessions (`hmt.loading.LoadedModel`), always with the causal query:
+    generation cannot form the paper's, and a memory read with it in pieces equals one read only at
+    segment boundaries (on the shipped adapter the two read alike)."""
+    from hmt.loading import load_model
 
-    def __init__(
-        self,
-        backbone: str | None,
-        adapter: Path | None,
-        reading: dict,
-        dtype: str,
-        device: str | None,
-        seed: int,
-    ):
-        from hmt.backbone import quiet_transformers, resolve_device
-        from hmt.cli.eval import load_models, resolve_adapter
-        from hmt.sessions import model_identity
+    return load_model(backbone, adapter=adapter, settings=reading | {"recall_query": "causal"}, dtype=dtype,
+                      device=device, seed=seed)  # fmt: skip
 
-        resolve_device(device)
-        quiet_transformers()
-        self.adapter = resolve_adapter(adapter, backbone)
-        # Always the causal query: generation cannot form the paper's, and a memory read with it in pieces
-        # equals one read only at segment boundaries. (On the shipped adapter the two read alike.)
-        reading = {**reading, "recall_query": "causal"}
-        self.model, _, plain, _ = load_models(backbone, self.adapter, reading, dtype, device, seed, False)
-        self.model.eval()
-        self.tokenizer = plain.tokenizer
-        self.identity = model_identity(self.model, plain.name, self.adapter)
 
-    def encode(self, text: str):
-        import torch
+def continue_text(reader: Any, prompt: str, state: Any, settings: dict[str, Any], show: bool):
+    """Continue the raw text `prompt` (`hmt generate`), streaming it to stdout if `show`; (text, output).
+    Questions and chat turns go through `hmt.ask.ask` instead."""
+    from transformers import TextStreamer
 
-        ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
-
-    def generate(self, prompt: str, state: Any, settings: dict[str, Any], stops: list[str], show: bool):
-        """Continue the raw text `prompt` (`hmt generate`), streaming it to stdout if `show`; (text, output).
-        Questions and chat turns go through `ask` instead."""
-        from transformers import TextStreamer
-
-        ids = self.encode(prompt)
-        if ids.numel() == 0:
-            raise ValueError("the prompt is empty: give some text")
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True) if show else None
-        out = self.model.generate(
-            ids[None], state=state, tokenizer=self.tokenizer, stop_strings=stops, streamer=streamer,
-            **settings,
-        )  # fmt: skip
-        text = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
-        for stop in stops:  # the stop string ends the answer; it is not part of it
-            text = text.split(stop)[0]
-        return text.strip() or "(no answer)", out
+    ids = reader.encode(prompt)
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty: give some text")
+    streamer = TextStreamer(reader.tokenizer, skip_prompt=True) if show else None
+    out = reader.model.generate(
+        ids[None], state=state, tokenizer=reader.tokenizer, streamer=streamer, **settings
+    )
+    text = reader.tokenizer.decode(out.sequences[0], skip_special_tokens=True)
+    return text.strip() or "(no answer)", out
 
 
 def sampling(
     max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float
 ) -> dict:
-    """Generation settings from the command's options (temperature 0: greedy)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise ValueError("--temperature >= 0, --top-p in (0, 1], --top-k >= 0 and --repetition-penalty > 0")
-    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
-    if temperature == 0:
-        return {**settings, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {**settings, "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    """Generation settings from the command's options (temperature 0: greedy; `hmt.sampling.Sampling`)."""
+    from hmt.sampling import Sampling
+
+    return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty).generate_kwargs()
 
 
 def read_command(
@@ -136,6 +108,8 @@ def read_command(
     adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
@@ -148,6 +122,9 @@ def read_command(
     from hmt.sessions import SessionStore, check_name
 
     console = Console(stderr=True)
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     check_name(session)
     if append and overwrite:
         raise ValueError("--append and --overwrite exclude each other: keep the session or replace it")
@@ -169,29 +146,22 @@ def read_command(
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{file} is not UTF-8 text") from None
-    with console.status("loading the model"):
-        reader = Reader(
-            backbone,
-            adapter,
-            given(segment_length=segment_length, num_sensory=num_sensory),
-            dtype,
-            device,
-            seed,
-        )
     if not text.strip():
         raise ValueError(f"{file} holds no text to read")
+    with console.status("loading the model"):
+        reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session):  # no other process changes the session between its load and this save
         _read_into(store, session, reader, text, str(file), append, chunk, console)
 
 
-def _read_into(store: Any, session: str, reader: Reader, text: str, source: str, append: bool, chunk: int,
+def _read_into(store: Any, session: str, reader: Any, text: str, source: str, append: bool, chunk: int,
                console: Any) -> None:  # fmt: skip
     """Read `text` into `session` (after what it holds, if `append`) with a progress bar, and save it."""
     import time
 
-    import torch
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+    from hmt.reading import read_steps
     from hmt.sessions import SessionInfo
 
     state, info = None, SessionInfo(model=reader.identity)
@@ -203,12 +173,10 @@ def _read_into(store: Any, session: str, reader: Reader, text: str, source: str,
     columns = (TextColumn("reading"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[speed]}"))
     with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("read", total=ids.numel(), speed="")
-        with torch.no_grad():
-            for start in range(0, ids.numel(), chunk):
-                state = reader.model(ids[None, start : start + chunk], state=state, score=False).state
-                done = min(start + chunk, ids.numel())
-                speed = f"{done / (time.perf_counter() - started):,.0f} tok/s"
-                progress.update(task, completed=done, speed=speed)
+        for done, after in read_steps(reader.model, ids, state, chunk=chunk):
+            state = after
+            speed = f"{done / (time.perf_counter() - started):,.0f} tok/s"
+            progress.update(task, completed=done, speed=speed)
     seconds = time.perf_counter() - started
     info.sources.append(source)
     store.save(session, state, info)
@@ -233,6 +201,8 @@ def ask_command(
     adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
@@ -244,17 +214,18 @@ def ask_command(
     from hmt.ask import ask
     from hmt.sessions import SessionStore
 
-    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    generation = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     if not question.strip():
         raise ValueError("the question is empty")
     store = SessionStore(sessions_dir(sessions))
-    reader = Reader(
-        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
-    )
+    reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session if keep else None):
         state, info = store.load(session, reader.identity, model=reader.model)
         torch.manual_seed(seed)
-        out = ask(reader.model, reader.tokenizer, question, state, **settings)
+        out = ask(reader.model, reader.tokenizer, question, state, **generation)
         typer.echo(out.text or "(no answer)")
         if keep:
             info.sources.append("ask")
@@ -275,6 +246,8 @@ def chat_command(
     adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
@@ -285,23 +258,24 @@ def chat_command(
 
     from hmt.sessions import SessionInfo, SessionStore, check_name
 
-    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    generation = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     store = SessionStore(sessions_dir(sessions))
     if session is not None:
         check_name(session)
-    reader = Reader(
-        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
-    )
+    reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session):  # the session is this chat's until it ends: no other writer loses a turn
         state, info = None, SessionInfo(model=reader.identity)
         if session is not None and store.exists(session):
             state, info = store.load(session, reader.identity, model=reader.model)
             typer.echo(f"(session {session}: {int(state.tokens.sum()):,} tokens remembered)")
         torch.manual_seed(seed)
-        _chat(reader, settings, state, info, store, session)
+        _chat(reader, generation, state, info, store, session)
 
 
-def _chat(reader: Reader, settings: dict, state: Any, info: Any, store: Any, session: str | None) -> None:
+def _chat(reader: Any, generation: dict, state: Any, info: Any, store: Any, session: str | None) -> None:
     """The chat's turns, each read into `state` (and saved into `session`, if given), until the end."""
     from hmt.ask import ask
 
@@ -316,7 +290,7 @@ def _chat(reader: Reader, settings: dict, state: Any, info: Any, store: Any, ses
             break
         if not message.strip() or message.strip() == "/exit":
             break
-        out = ask(reader.model, reader.tokenizer, message, state, **settings)
+        out = ask(reader.model, reader.tokenizer, message, state, **generation)
         state = out.state
         typer.echo(f"hmt> {out.text or '(no answer)'}")
         if session is not None:
@@ -339,6 +313,8 @@ def generate_command(
     adapter: AdapterOpt = None,
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
+    cache_size: CacheSizeOpt = None,
+    settings: SetOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
@@ -348,20 +324,21 @@ def generate_command(
 
     from hmt.sessions import SessionStore
 
-    settings = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    generation = sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    reading = reading_settings(
+        settings, segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size
+    )
     if keep and session is None:
         raise ValueError("--keep saves into a session: give --session NAME")
     store = SessionStore(sessions_dir(sessions))
-    reader = Reader(
-        backbone, adapter, given(segment_length=segment_length, num_sensory=num_sensory), dtype, device, seed
-    )
+    reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session if keep else None):
         state, info = None, None
         if session is not None:
             state, info = store.load(session, reader.identity, model=reader.model)
         torch.manual_seed(seed)
         typer.echo(prompt, nl=False)
-        _, out = reader.generate(prompt, state, settings, [], show=True)
+        _, out = continue_text(reader, prompt, state, generation, show=True)
         typer.echo()
         if keep:
             info.sources.append("generate")

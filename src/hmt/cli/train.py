@@ -11,16 +11,11 @@ from hmt.cli.options import (
     BackboneOpt,
     CacheSizeOpt,
     DeviceOpt,
-    DtypeOpt,
-    MemoryLayerOpt,
-    MemoryTokensOpt,
     NumSensoryOpt,
-    RecallQueryOpt,
     SegmentLengthOpt,
-    SharpenRecallOpt,
-    SummaryLengthOpt,
     config_help,
     given,
+    reading_settings,
     split_list,
     train_help,
 )
@@ -39,8 +34,15 @@ def train_command(
         Path | None, typer.Option(help="Stage-1 run folder (or adapter folder) that stage 2 starts from.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Start from the settings of an earlier run (its run.json); the options given override them.",
+        ),
+    ] = None,
     backbone: BackboneOpt = None,
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[str | None, typer.Option(help="auto | bf16 | fp32; default auto.")] = None,
     device: DeviceOpt = None,
     data: Annotated[
         list[str] | None,
@@ -49,11 +51,17 @@ def train_command(
     max_train_tokens: Annotated[
         int | None, typer.Option(help="Use at most this many training tokens.")
     ] = None,
-    validation_data: Annotated[str, typer.Option(help="Validation text (its validation split).")] = "essays",
-    validation_tokens: Annotated[int, typer.Option(help="Validation tokens (0: no validation).")] = 4096,
-    finetune: Annotated[str, typer.Option(help="Backbone weights: frozen | lora | full.")] = "lora",
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    validation_data: Annotated[
+        str | None, typer.Option(help="Validation text (its validation split); default essays.")
+    ] = None,
+    validation_tokens: Annotated[
+        int | None, typer.Option(help="Validation tokens (0: no validation); default 4096.")
+    ] = None,
+    finetune: Annotated[
+        str | None, typer.Option(help="Backbone weights: frozen | lora | full; default lora.")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank; default 8.")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha; default 16.")] = None,
     lora_targets: Annotated[
         list[str] | None,
         typer.Option(help="Modules to adapt (repeat); default: peft's choice for the architecture."),
@@ -61,22 +69,17 @@ def train_command(
     segment_length: SegmentLengthOpt = None,
     num_sensory: NumSensoryOpt = None,
     cache_size: CacheSizeOpt = None,
-    sharpen_recall_after: SharpenRecallOpt = None,
-    summary_length: SummaryLengthOpt = None,
-    recall_query: RecallQueryOpt = None,
-    memory_tokens: MemoryTokensOpt = None,
-    memory_layer: MemoryLayerOpt = None,
-    recall_temperature: Annotated[
-        float | None,
+    memory_tokens: Annotated[
+        int | None, typer.Option(help=config_help("memory_tokens") + " Default: the adapter's, else 8.")
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
         typer.Option(
-            help=config_help("recall_temperature") + " Default: the adapter's, else the dot product."
+            "--set",
+            metavar="KEY=VALUE",
+            help="Any HMTConfig field of the model trained (repeatable; VALUE as JSON), e.g. --set "
+            "recall_temperature=null --set attention_sink=false (docs/method.md lists them).",
         ),
-    ] = None,
-    memory_norm: Annotated[
-        str | None, typer.Option(help=config_help("memory_norm") + " Default: learned.")
-    ] = None,
-    attention_sink: Annotated[
-        bool | None, typer.Option(help=config_help("attention_sink") + " Default: on.")
     ] = None,
     task: Annotated[
         list[str] | None,
@@ -86,30 +89,31 @@ def train_command(
         ),
     ] = None,
     text_every: Annotated[
-        int, typer.Option(help="With --task: every this-many-th batch is plain text (0: never).")
-    ] = 0,
+        int | None,
+        typer.Option(help="With --task: every this-many-th batch is plain text (0: never; the default)."),
+    ] = None,
     answer_in_memory: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="With --task: weight of the answer-in-memory loss — the memory written where the asked fact "
             "is must predict the answer's tokens through the backbone's LM head (needs --memory-tokens at "
-            "least the answer's length to cover it all). 0: off."
+            "least the answer's length to cover it all). 0: off (the default)."
         ),
-    ] = 0.0,
+    ] = None,
     recall_loss: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="With --task: weight of the cross-entropy between the answer segment's recall weights and "
-            "the fact's memory (reaches a saturated recall, where the answer's loss cannot). 0: off."
+            "the fact's memory (reaches a saturated recall, where the answer's loss cannot). 0: off (the default)."
         ),
-    ] = 0.0,
+    ] = None,
     max_depth: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="With --task: facts sit at depths drawn uniformly in [0, max_depth] of the haystack; below 1 "
-            "they stay out of the question's own segment (where the window reads them) more often."
+            "they stay out of the question's own segment (where the window reads them) more often. Default 1."
         ),
-    ] = 1.0,
+    ] = None,
     mode: Annotated[str | None, typer.Option(help=train_help("mode"))] = None,
     unroll: Annotated[str | None, typer.Option(help=train_help("unroll"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=train_help("batch_size"))] = None,
@@ -140,19 +144,21 @@ def train_command(
 
     from hmt.backbone import quiet_transformers
     from hmt.cli.console import StepProgress
-    from hmt.runs import FINAL_DIR, STAGE_PRESETS, RunSettings, train_run
+    from hmt.runs import FINAL_DIR, STAGE_PRESETS, RunSettings, read_run_file, train_run
     from hmt.train import TrainConfig, check_learning_rate
 
     for option, rate in (("--lr", lr), ("--memory-lr", memory_lr)):
         if rate is not None:
             check_learning_rate(option, rate)
-    if stage is None and mode is None:
+    recorded, recorded_train = read_run_file(config_file) if config_file is not None else ({}, {})
+    if stage is None and mode is None and not recorded_train:
         raise ValueError(
-            "say what to train: --stage 1, --stage 2 (with --init-from) or --mode rmt|hmt|backbone"
+            "say what to train: --stage 1, --stage 2 (with --init-from), --mode rmt|hmt|backbone, or "
+            "--config RUN.json"
         )
     if stage not in (None, 1, 2):
         raise ValueError(f"--stage must be 1 or 2, got {stage}")
-    if stage == 2 and init_from is None:
+    if stage == 2 and init_from is None and recorded.get("init_from") is None:
         raise ValueError("stage 2 starts from a stage-1 run: pass --init-from RUN_DIR (or an adapter folder)")
     how = given(
         mode=mode, unroll=unroll, batch_size=batch_size, grad_accum=grad_accum, streaming=streaming,
@@ -161,21 +167,19 @@ def train_command(
         max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing, log_every=log_every,
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed,
     )  # fmt: skip
-    config = TrainConfig(**{**STAGE_PRESETS.get(stage or 0, {}), **how})
-    settings = RunSettings(
-        backbone=backbone, dtype=dtype, device=device, data=tuple(data) if data else ("essays", "plays"),
+    config = TrainConfig(**{**recorded_train, **STAGE_PRESETS.get(stage or 0, {}), **how})
+    model_settings = reading_settings(settings, segment_length=segment_length, num_sensory=num_sensory,
+                                      cache_size=cache_size, memory_tokens=memory_tokens)  # fmt: skip
+    run = given(
+        backbone=backbone, dtype=dtype, device=device, data=tuple(data) if data else None,
         max_train_tokens=max_train_tokens, validation_data=validation_data,
         validation_tokens=validation_tokens, finetune=finetune, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_targets=tuple(lora_targets) if lora_targets else None, init_from=init_from,
-        tasks=tuple(split_list(",".join(task))) if task else (), text_every=text_every,
+        tasks=tuple(split_list(",".join(task))) if task else None, text_every=text_every,
         answer_in_memory=answer_in_memory, recall_loss=recall_loss, max_depth=max_depth,
-        model=given(
-            segment_length=segment_length, num_sensory=num_sensory, cache_size=cache_size,
-            sharpen_recall_after=sharpen_recall_after,
-            summary_length=summary_length, recall_query=recall_query, memory_tokens=memory_tokens, memory_layer=memory_layer,
-            recall_temperature=recall_temperature, memory_norm=memory_norm, attention_sink=attention_sink,
-        ),
     )  # fmt: skip
+    model = {**recorded.get("model", {}), **model_settings}
+    run_settings = RunSettings(**{**recorded, **run, "model": model})
     from accelerate import Accelerator
 
     console = Console()
@@ -184,7 +188,7 @@ def train_command(
     main = accelerator.is_main_process
     with StepProgress(console, config.max_steps, enabled=main) as progress:
         summary = train_run(
-            out, settings, config, resume=resume, accelerator=accelerator, progress=progress,
+            out, run_settings, config, resume=resume, accelerator=accelerator, progress=progress,
             announce=console.print if main else None,
         )  # fmt: skip
     if not main:

