@@ -539,3 +539,22 @@ def bos_embedding(backbone: Any, embeddings: nn.Embedding) -> torch.Tensor:
     index = bos if isinstance(bos, int) and 0 <= bos < embeddings.num_embeddings else 0
     with torch.no_grad():
         return embeddings(torch.tensor([index], device=embeddings.weight.device))[0].float()
+
+
+def check_positions(backbone: Any, config: Any, mode: str) -> None:
+    """Refuse segments that do not fit the backbone's position range in `mode`."""
+    limit = context_length(backbone.config)
+    if mode == "backbone":
+        needed, what = config.segment_length, "segment_length"
+    elif mode == "sliding":
+        needed, what = config.segment_length + config.num_sensory, "segment_length + num_sensory"
+    else:
+        slots = 2 * config.memory_tokens + int(config.attention_sink)
+        needed, what = (
+            config.segment_length + config.num_sensory + slots,
+            f"segment_length + num_sensory + {slots} memory and sink slots",
+        )
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"{what} = {needed} positions, but the backbone supports {limit}; use a smaller segment_length"
+        )

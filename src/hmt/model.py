@@ -22,7 +22,14 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hmt.backbone import bos_embedding, context_length, embedding_and_head, embedding_std, eval_mode
+from hmt.backbone import (
+    bos_embedding,
+    check_positions,
+    context_length,
+    embedding_and_head,
+    embedding_std,
+    eval_mode,
+)
 from hmt.config import IGNORE_INDEX, MEMORY_MODES, READING_FIELDS, WRITING_MODES, HMTConfig, check_mode
 from hmt.inputs import PackedInputs, logits_kept, pack_inputs, padding_mask, recorded_steps
 from hmt.memory import MemoryState
@@ -87,7 +94,7 @@ class HMTForCausalLM(nn.Module):
         ):
             raise ValueError(f"query_batch_size must be an integer >= 1, got {query_batch_size!r}")
         self.mode = check_mode(mode)
-        _check_positions(backbone, config, self.mode)
+        check_positions(backbone, config, self.mode)
         self.backbone = backbone
         self.query_batch_size = query_batch_size
         self.config = config.replace(
@@ -211,7 +218,7 @@ class HMTForCausalLM(nn.Module):
         memories enter the cache detached, so gradient reaches a marked early segment through recall alone.
         """
         mode = check_mode(mode or self.mode)
-        _check_positions(self.backbone, self.config, mode)
+        check_positions(self.backbone, self.config, mode)
         if not score and (labels is not None or return_logits or num_logits):
             raise ValueError("score=False reads without scoring: pass no labels, return_logits or num_logits")
         if bptt_depth is not None and (not isinstance(bptt_depth, int) or bptt_depth < 1):
@@ -296,7 +303,7 @@ class HMTForCausalLM(nn.Module):
 
         return ask(self, tokenizer, messages, state, **generation)
 
-    # ---- the four steps: query, recall, augment, write -------------------------------------------------------------------------
+    # ---- the four steps: query, recall, augment, write ---------------------------------------------
 
     def _query(
         self, packed: PackedInputs, state: MemoryState, num_steps: int, recorded: list[bool] | None = None
@@ -584,22 +591,3 @@ class HMTForCausalLM(nn.Module):
             cls, location, backbone, merge_lora=merge_lora, trainable_lora=trainable_lora, mode=mode,
             query_batch_size=query_batch_size, settings=settings,
         )  # fmt: skip
-
-
-def _check_positions(backbone: PreTrainedModel, config: HMTConfig, mode: str) -> None:
-    """Refuse segments that do not fit the backbone's position range in `mode`."""
-    limit = context_length(backbone.config)
-    if mode == "backbone":
-        needed, what = config.segment_length, "segment_length"
-    elif mode == "sliding":
-        needed, what = config.segment_length + config.num_sensory, "segment_length + num_sensory"
-    else:
-        slots = 2 * config.memory_tokens + int(config.attention_sink)
-        needed, what = (
-            config.segment_length + config.num_sensory + slots,
-            f"segment_length + num_sensory + {slots} memory and sink slots",
-        )
-    if limit is not None and needed > limit:
-        raise ValueError(
-            f"{what} = {needed} positions, but the backbone supports {limit}; use a smaller segment_length"
-        )

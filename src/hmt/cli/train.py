@@ -140,7 +140,6 @@ def train_command(
 ) -> None:
     """Train HMT's memory (and LoRA or the backbone) on long text: stage 1 (rmt), then stage 2 (hmt)."""
     from rich.console import Console
-    from rich.table import Table
 
     from hmt.backbone import quiet_transformers
     from hmt.cli.console import StepProgress
@@ -151,15 +150,7 @@ def train_command(
         if rate is not None:
             check_learning_rate(option, rate)
     recorded, recorded_train = read_run_file(config_file) if config_file is not None else ({}, {})
-    if stage is None and mode is None and not recorded_train:
-        raise ValueError(
-            "say what to train: --stage 1, --stage 2 (with --init-from), --mode rmt|hmt|backbone, or "
-            "--config RUN.json"
-        )
-    if stage not in (None, 1, 2):
-        raise ValueError(f"--stage must be 1 or 2, got {stage}")
-    if stage == 2 and init_from is None and recorded.get("init_from") is None:
-        raise ValueError("stage 2 starts from a stage-1 run: pass --init-from RUN_DIR (or an adapter folder)")
+    _check_what_to_train(stage, mode, init_from, recorded, recorded_train)
     how = given(
         mode=mode, unroll=unroll, batch_size=batch_size, grad_accum=grad_accum, streaming=streaming,
         loss_on=loss_on, bptt_depth=bptt_depth, max_steps=max_steps, lr=lr, memory_lr=memory_lr,
@@ -193,7 +184,26 @@ def train_command(
         )  # fmt: skip
     if not main:
         return
-    table = Table(title=f"Training ({config.mode})", show_header=False)
+    console.print(summary_table(summary, config.mode, out / FINAL_DIR))
+
+
+def _check_what_to_train(stage, mode, init_from, recorded: dict, recorded_train: dict) -> None:
+    if stage is None and mode is None and not recorded_train:
+        raise ValueError(
+            "say what to train: --stage 1, --stage 2 (with --init-from), --mode rmt|hmt|backbone, or "
+            "--config RUN.json"
+        )
+    if stage not in (None, 1, 2):
+        raise ValueError(f"--stage must be 1 or 2, got {stage}")
+    if stage == 2 and init_from is None and recorded.get("init_from") is None:
+        raise ValueError("stage 2 starts from a stage-1 run: pass --init-from RUN_DIR (or an adapter folder)")
+
+
+def summary_table(summary: dict, mode: str, adapter: Path):
+    """The table printed when a run ends."""
+    from rich.table import Table
+
+    table = Table(title=f"Training ({mode})", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("steps", str(summary["steps"]))
@@ -203,5 +213,5 @@ def train_command(
         table.add_row("final loss", f"{summary['final_loss']:.3f}")
     if summary["validation"]:
         table.add_row("validation ppl", f"{summary['validation']['val_ppl']:.2f}")
-    table.add_row("adapter", str(out / FINAL_DIR))
-    console.print(table)
+    table.add_row("adapter", str(adapter))
+    return table
