@@ -153,3 +153,10 @@ def test_train_starts_from_an_earlier_runs_settings(monkeypatch, capsys, tiny_mo
     code, _, err = run_cli(monkeypatch, capsys, "train", "--config", str(tmp_path / "bad.json"), "--out",
                            str(tmp_path / "y"))  # fmt: skip
     assert code == 1 and "unknown settings ['nope']" in err
+
+
+def test_train_checks_its_data_before_loading_any_model(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", str(tmp_path / "run"), "--mode", "rmt",
+                           "--data", str(tmp_path / "nope-data.txt"), "--backbone", str(tmp_path / "nope-model"),
+                           "--device", "cpu")  # fmt: skip
+    assert code == 1 and "nope-data" in err and "nope-model" not in err, err

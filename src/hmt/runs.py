@@ -125,6 +125,7 @@ def train_run(
 
     from hmt.backbone import BACKBONE_DIR, load_backbone, saved_backbone
     from hmt.data import RandomWindows, StreamLanes, training_text
+    from hmt.data.corpus import training_documents
     from hmt.train import set_trainable_memory, train
 
     init_adapter = resolve_init(settings.init_from) if settings.init_from is not None else None
@@ -134,6 +135,7 @@ def train_run(
     start_run(out, settings, config, resume, accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
+    documents = training_documents(settings.data, settings.validation_data, settings.validation_tokens)
     spec = settings.backbone
     if spec is None and init_adapter is not None:
         spec = saved_backbone(init_adapter)  # stage 1 fine-tuned the whole backbone, or None: the default
@@ -141,7 +143,7 @@ def train_run(
     model = training_model(backbone.model, settings, init_adapter, config.seed)
     train_stream, val_stream, data_info = training_text(
         backbone.tokenizer, settings.data, settings.max_train_tokens, settings.validation_data,
-        settings.validation_tokens,
+        settings.validation_tokens, documents,
     )  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.streaming and settings.tasks:

@@ -261,29 +261,38 @@ def _as_tensor(ids: list[int]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def training_documents(
+    sources: tuple[str, ...] | list[str], validation_source: str, validation_tokens: int
+) -> tuple[list[list[Document]], list[Document] | None]:
+    """The train split of every source and the validation split of `validation_source` (None for 0
+    validation tokens): read before a model loads, so a bad source fails at once."""
+    train = [load_documents(spec, "train") for spec in sources]
+    validation = load_documents(validation_source, "validation") if validation_tokens > 0 else None
+    return train, validation
+
+
 def training_text(
     tokenizer: PreTrainedTokenizerBase,
     sources: tuple[str, ...] | list[str],
     max_tokens: int | None,
     validation_source: str,
     validation_tokens: int,
+    documents: tuple[list[list[Document]], list[Document] | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Training tokens (the train split of every source, joined, at most `max_tokens` in all), the
-    validation tokens (the validation split of `validation_source`; None for 0 tokens) and a description."""
-    parts, documents = [], 0
-    for spec in sources:
-        docs = load_documents(spec, "train")
-        documents += len(docs)
-        parts.append(token_stream(docs, tokenizer, max_tokens))
+    validation tokens (the validation split of `validation_source`; None for 0 tokens) and a description.
+    `documents`: those `training_documents` already read."""
+    train_docs, validation_docs = documents or training_documents(
+        sources, validation_source, validation_tokens
+    )
+    parts = [token_stream(docs, tokenizer, max_tokens) for docs in train_docs]
     train = torch.cat(parts)[:max_tokens]
     validation = None
-    if validation_tokens > 0:
-        validation = token_stream(
-            load_documents(validation_source, "validation"), tokenizer, validation_tokens
-        )
+    if validation_docs is not None:
+        validation = token_stream(validation_docs, tokenizer, validation_tokens)
     info = {
         "train": list(sources),
-        "train_documents": documents,
+        "train_documents": sum(len(docs) for docs in train_docs),
         "train_tokens": int(train.shape[0]),
         "validation": validation_source,
         "validation_tokens": int(validation.shape[0]) if validation is not None else 0,
