@@ -73,3 +73,4 @@ clean:
 BENCH_OUT ?= runs/bench
 bench: install
 	$(VENV)/bin/hmt bench --out $(BENCH_OUT) --overwrite
+	$(VENV)/bin/hmt bench --generate --out $(BENCH_OUT) --overwrite

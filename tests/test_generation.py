@@ -194,3 +194,23 @@ def test_generation_settings_it_does_not_carry_out_are_refused(settings):
         model.generate(random_ids(1, 4), **settings)
     with pytest.raises(ValueError, match=r"not supported|do not support"):
         model.generate(random_ids(1, 4), generation_config=GenerationConfig(**settings))
+
+
+def test_generation_forms_each_segments_query_once_and_answers_the_same(monkeypatch):
+    """Reading a segment and building its cache need the same recall query: generation keeps it."""
+    from contextlib import nullcontext
+
+    model = tiny_hmt("llama", segment_length=8, summary_length=3)
+    prompt = random_ids(1, 13)
+    queries_run = []
+    original = model._backbone_states
+    model._backbone_states = lambda seqs, lengths: queries_run.append(len(seqs)) or original(seqs, lengths)
+    settings = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": None}
+    kept = model.generate(prompt, **settings)
+    with_memo = sum(queries_run)
+    queries_run.clear()
+    monkeypatch.setattr(type(model), "remembering_queries", lambda self: nullcontext())
+    again = model.generate(prompt, **settings)
+    assert torch.equal(kept.sequences, again.sequences)
+    torch.testing.assert_close(kept.state.memories, again.state.memories, atol=ATOL, rtol=0)
+    assert with_memo < sum(queries_run)  # 20 tokens after 13 cross segments at 16, 24 and 32

@@ -147,7 +147,7 @@ def generate(
     length = model.config.segment_length
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError("a streamer shows one text: give input_ids of batch size 1")
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), model.remembering_queries():
         state = model(
             input_ids,
             attention_mask=attention_mask,

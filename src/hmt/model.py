@@ -95,6 +95,7 @@ class HMTForCausalLM(nn.Module):
             raise ValueError(f"query_batch_size must be an integer >= 1, got {query_batch_size!r}")
         self.mode = check_mode(mode)
         check_positions(backbone, config, self.mode)
+        self._query_memo: dict[tuple, torch.Tensor] | None = None  # see `remembering_queries`
         self.backbone = backbone
         self.query_batch_size = query_batch_size
         self.config = config.replace(
@@ -172,6 +173,17 @@ class HMTForCausalLM(nn.Module):
             yield self
         finally:
             self.config = original
+
+    @contextmanager
+    def remembering_queries(self) -> Iterator[None]:
+        """Inside the block, recall queries computed without a graph are reused for the same tokens
+        (generation needs each open segment's twice); exact while no parameter changes inside it."""
+        outer = self._query_memo
+        self._query_memo = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._query_memo = outer
 
     def empty_state(self, batch_size: int = 1) -> MemoryState:
         return MemoryState.empty(
@@ -273,17 +285,12 @@ class HMTForCausalLM(nn.Module):
         **kwargs: Any,
     ) -> GenerationOutput:
         """Read `input_ids` (continuing `state`), then generate: a `GenerationOutput` with the new tokens
-        only (not the prompt) and the state after them (pass it on to continue a conversation).
-
-        Arguments follow transformers: a `GenerationConfig` (default: `self.generation_config`) and/or
-        its fields `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`,
-        `repetition_penalty`, `no_repeat_ngram_size`, `eos_token_id`, `pad_token_id`; any other field
-        asked for (scores, `return_dict_in_generate`, beams, ...) is refused, never ignored
-        (`generation.SUPPORTED_SETTINGS`). Also `stop_strings` (with `tokenizer=`), `streamer` (batch
-        size 1), `mode`, and `end_segment=True` to close the prompt's last segment first (a question read
-        as its own segment). Rows may be left-padded. Output has no length limit; greedy output is the
-        argmax of reading the growing text.
-        """
+        only (not the prompt) and the state after them. Arguments follow transformers: a GenerationConfig
+        (default `self.generation_config`) and/or max_new_tokens, min_new_tokens, do_sample, temperature,
+        top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id; any other
+        field asked for is refused, never ignored (`generation.SUPPORTED_SETTINGS`). Also `stop_strings`
+        (with `tokenizer=`), `streamer` (batch 1), `mode`, `end_segment=True` (close the prompt's last
+        segment first). Rows may be left-padded; output has no length limit."""
         from hmt.generation import generate
 
         return generate(self, input_ids, attention_mask, state, generation_config, **kwargs)
@@ -347,19 +354,24 @@ class HMTForCausalLM(nn.Module):
         unique = [None] * len(distinct)
         for (_, step, tokens), index in zip(jobs, which, strict=True):
             unique[index] = (step, tokens)
-        order = sorted(range(len(unique)), key=lambda i: not recorded[unique[i][0]])  # recorded first
-        outputs = []
+        keys = list(distinct)
+        memo = self._query_memo if self._query_memo is not None and not self.training else {}
+        found = [memo.get(key) if not key[0] else None for key in keys]  # recorded queries: never reused
+        missing = [i for i in range(len(unique)) if found[i] is None]
+        order = sorted(missing, key=lambda i: not recorded[unique[i][0]])  # recorded first
         for first in range(0, len(order), self.query_batch_size):
-            chunk = [unique[i] for i in order[first : first + self.query_batch_size]]
+            indices = order[first : first + self.query_batch_size]
+            chunk = [unique[i] for i in indices]
             sequences = [torch.cat([prompt, embed(tokens), prompt]) for _, tokens in chunk]
             lengths = torch.tensor([len(tokens) + 2 for _, tokens in chunk], device=prompt.device)
             with torch.set_grad_enabled(any(recorded[step] for step, _ in chunk)):
                 final = self._backbone_states(sequences, lengths)
-            outputs.append(final[torch.arange(len(chunk), device=final.device), lengths - 1])
-        computed = torch.cat(outputs).float()  # (distinct queries, output_dim), in `order`
-        position = torch.empty(len(order), dtype=torch.long)
-        position[torch.tensor(order)] = torch.arange(len(order))
-        flat = computed[position[torch.tensor(which)].to(computed.device)]  # (jobs, output_dim)
+            outputs = final[torch.arange(len(chunk), device=final.device), lengths - 1].float()
+            for i, output in zip(indices, outputs, strict=True):
+                found[i] = output
+                if self._query_memo is not None and not keys[i][0]:
+                    self._query_memo[keys[i]] = output
+        flat = torch.stack([found[i] for i in which])  # (jobs, output_dim)
         rows = torch.tensor([row for row, _, _ in jobs], device=flat.device)
         steps = torch.tensor([step for _, step, _ in jobs], device=flat.device)
         return queries.index_put((rows, steps), flat)
@@ -575,16 +587,11 @@ class HMTForCausalLM(nn.Module):
         query_batch_size: int = 32,
         **settings: object,
     ) -> HMTForCausalLM:
-        """Restore an adapter written by `save_pretrained` onto `backbone`, refusing one that does not fit.
-
-        `location`: the adapter's folder, or a Hugging Face Hub repo id (downloaded with huggingface_hub,
-        or found in its cache when offline). LoRA weights in it are merged into a copy of `backbone`, so
-        the caller's model stays the plain backbone; `merge_lora=True` merges them into `backbone` itself
-        (no copy: the caller's model changes), `trainable_lora=True` attaches them as trainable peft
-        adapters (for training). An adapter trained with the whole backbone fine-tuned must be given that
-        backbone (its `backbone/` folder). `settings` may override the reading settings (READING_FIELDS,
-        e.g. cache_size); other HMTConfig fields only with the adapter's own values (tied to its weights).
-        """
+        """Restore an adapter (a folder written by `save_pretrained`, or a Hub repo id) onto `backbone`,
+        refusing one that does not fit. Its LoRA is merged into a copy of `backbone` (`merge_lora=True`: into
+        `backbone` itself; `trainable_lora=True`: attached for training). `settings` may override the
+        reading settings (READING_FIELDS); other fields only with the adapter's own values. docs/method.md
+        says more."""
         from hmt.pretrained import load_adapter
 
         return load_adapter(
