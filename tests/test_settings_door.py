@@ -40,13 +40,21 @@ def loads(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def any_session(monkeypatch):
+    """Every session name is taken as existing (ask and generate check theirs before loading a model)."""
+    import hmt.sessions
+
+    monkeypatch.setattr(hmt.sessions.SessionStore, "info", lambda self, name: None)
+
+
 def _args(command: str, corpus, tmp_path) -> list[str]:
     return [a.format(corpus=corpus, tmp=tmp_path) for a in COMMANDS[command]]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_command_passes_set_and_the_named_flags_to_the_loader(command, loads, monkeypatch, capsys, corpus,
-                                                                     tmp_path):  # fmt: skip
+def test_every_command_passes_set_and_the_named_flags_to_the_loader(command, loads, any_session, monkeypatch, capsys,
+                                                                     corpus, tmp_path):  # fmt: skip
     args = [*_args(command, corpus, tmp_path), "--set", "sharpen_recall_after=null", "--set", "summary_length=5",
             "--cache-size", "7"]  # fmt: skip
     code, _, err = run_cli(monkeypatch, capsys, *args)
@@ -57,8 +65,8 @@ def test_every_command_passes_set_and_the_named_flags_to_the_loader(command, loa
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_a_new_reading_setting_reaches_every_command_without_touching_it(command, loads, monkeypatch, capsys,
-                                                                          corpus, tmp_path):  # fmt: skip
+def test_a_new_reading_setting_reaches_every_command_without_touching_it(command, loads, any_session, monkeypatch,
+                                                                          capsys, corpus, tmp_path):  # fmt: skip
     """Adding a setting is the config field, the step that uses it and its docs row: the commands' `--set`
     takes whatever HMTConfig's settable fields are."""
     import hmt.config
@@ -117,3 +125,9 @@ def test_bench_measures_with_the_settings_and_adapter_given(monkeypatch, capsys,
                            "--set", "summary_length=5", "--segment-length", "64")  # fmt: skip
     assert code == 1 and "reached the bench" in err
     assert seen[0].adapter == "none" and seen[0].settings == {"summary_length": 5, "segment_length": 64}
+
+
+@pytest.mark.parametrize("command", [["ask", "nobody", "What?"], ["generate", "Once", "--session", "nobody"]])
+def test_an_unknown_session_is_named_before_any_model_loads(command, loads, monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, *command, "--sessions", str(tmp_path))
+    assert code == 1 and "no session 'nobody'" in err and not loads

@@ -221,6 +221,7 @@ def ask_command(
     if not question.strip():
         raise ValueError("the question is empty")
     store = SessionStore(sessions_dir(sessions))
+    store.info(session)  # an unknown or damaged session is an error before the model loads
     reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session if keep else None):
         state, info = store.load(session, reader.identity, model=reader.model)
@@ -331,6 +332,8 @@ def generate_command(
     if keep and session is None:
         raise ValueError("--keep saves into a session: give --session NAME")
     store = SessionStore(sessions_dir(sessions))
+    if session is not None:
+        store.info(session)  # before the model loads
     reader = load_reader(backbone, adapter, reading, dtype, device, seed)
     with hold(store, session if keep else None):
         state, info = None, None
