@@ -64,7 +64,7 @@ def tiny_backbone(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch
 
 
 TINY_SETTINGS = {
-    "segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, "memory_tokens": 1,
+    "segment_length": 8, "num_sensory": 2, "cache_size": 4, "attention_sink": False, "memory_tokens": 1, "summary_length": None,
     "recall_temperature": None, "sharpen_recall_after": None,
 }  # fmt: skip
 

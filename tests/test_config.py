@@ -14,7 +14,7 @@ def test_the_defaults_are_the_shipped_recipe_and_paper_gives_the_papers_switches
 
     config = HMTConfig()
     assert (config.segment_length, config.num_sensory, config.cache_size) == (256, 32, 300)
-    assert config.query_length == 128  # j defaults to L // 2
+    assert config.query_length == 32 and HMTConfig(summary_length=None).query_length == 128  # unset: L // 2
     assert HMTConfig(segment_length=100, num_sensory=8, summary_length=10).query_length == 10
     shipped = HMTConfig.from_json_file(shipped_adapter() / "hmt_config.json").to_dict()
     bound = {"backbone", "backbone_type", "embedding_dim", "hmt_version", "recall_dim"}  # set on save
@@ -107,7 +107,7 @@ def test_unknown_keys_from_a_newer_version_warn_not_fail():
         ({"segment_length": 8, "num_sensory": 9}, "num_sensory must be <= segment_length=8"),
         ({"num_sensory": -1}, "num_sensory must be >= 0"),
         (
-            {"segment_length": 8, "num_sensory": 2, "summary_length": 9},
+            {"segment_length": 8, "num_sensory": 2, "summary_length": 9, "recall_query": "paper"},
             "summary_length must be <= segment_length=8",
         ),
         ({"summary_length": 0}, "summary_length must be >= 1"),
