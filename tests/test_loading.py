@@ -37,7 +37,11 @@ def test_load_model_reads_an_adapter_with_reading_settings_over_its_own(tiny_mod
                    ).save_pretrained(tmp_path / "adapter")  # fmt: skip
     loaded = load_model(str(tiny_model_dir), adapter=tmp_path / "adapter", settings={"cache_size": 5})
     assert loaded.adapter == tmp_path / "adapter" and loaded.model.config.cache_size == 5
-    assert loaded.model.config.segment_length == 16
+    assert loaded.model.config.segment_length == 16 and loaded.model.config.summary_length == 32
+    unset = load_model(str(tiny_model_dir), adapter=tmp_path / "adapter",
+                       settings={"summary_length": None, "sharpen_recall_after": None})  # fmt: skip
+    assert (unset.model.config.summary_length, unset.model.config.sharpen_recall_after) == (None, None)
+    assert unset.model.config.query_length == 8  # unset: half a segment
     with pytest.raises(ValueError, match="memory_tokens differ from the adapter"):
         load_model(str(tiny_model_dir), adapter=tmp_path / "adapter", settings={"memory_tokens": 3})
 

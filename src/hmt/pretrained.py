@@ -65,7 +65,7 @@ def load_adapter(
     directory = adapter_folder(location)
     config, tensors = load_adapter_files(directory)
     check_finite_weights(tensors.items(), directory / ADAPTER_NAME)
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = dict(settings)  # None is a value too (e.g. sharpen_recall_after=None: recall as trained)
     # A field that adds parameters may be switched on for an adapter saved without it (fine-tuning).
     gained = [k for k in given if k in GAINED_FIELDS and getattr(config, k) is None]
     tied = sorted(
