@@ -131,7 +131,7 @@ def test_bad_arguments_are_clear_errors(tiny):
         HMTLM(model=model, tokenizer=tokenizer, batch_size="auto")
     with pytest.raises(ValueError, match="not supported by the hmt model"):
         harness(tiny).generate_until(requests("generate_until", [("a", {"num_beams": 4})]), disable_tqdm=True)
-    paper = HMTForCausalLM(model.backbone, model.config.replace(recall_query="paper"))
+    paper = HMTForCausalLM(model.backbone, model.config.replace(recall_query="paper", summary_length=None))
     with pytest.raises(ValueError, match="causal recall query"):
         HMTLM(model=paper, tokenizer=tokenizer)
 
