@@ -54,7 +54,13 @@ def test_rows_joining_and_leaving_decode_as_generate_alone(arch):
         row = Row(prompt_ids=prompt, settings={"max_new_tokens": new, "do_sample": False})
         joining.setdefault(at, []).append((row, batch.start(prompt, before)))
         rows.append(row)
-    finished = run_until_done(batch, joining)
+    forward_calls, forward = [], type(model).forward
+    type(model).forward = lambda self, *a, **k: forward_calls.append(1) or forward(self, *a, **k)
+    try:
+        finished = run_until_done(batch, joining)
+    finally:
+        type(model).forward = forward
+    assert not forward_calls  # segments that close mid-batch are written through the cache
     assert sorted(map(id, finished)) == sorted(map(id, rows))
     for row, (prompt, before, new, _) in zip(rows, cases, strict=True):
         tokens, state = alone(model, prompt, before, max_new_tokens=new, do_sample=False)

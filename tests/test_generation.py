@@ -214,3 +214,31 @@ def test_generation_forms_each_segments_query_once_and_answers_the_same(monkeypa
     assert torch.equal(kept.sequences, again.sequences)
     torch.testing.assert_close(kept.state.memories, again.state.memories, atol=ATOL, rtol=0)
     assert with_memo < sum(queries_run)  # 20 tokens after 13 cross segments at 16, 24 and 32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_segment_closes_through_the_cache_without_a_forward_call(arch, monkeypatch):
+    """The token that fills a segment and the r write slots after it are read through the KV cache: the
+    forward pass runs once (the prompt), and the state equals reading everything in one call, also for rows
+    of a batch that close at different steps."""
+    model = tiny_hmt(arch, memory_tokens=3, attention_sink=True)
+    prompts = [random_ids(1, 13, seed=5), random_ids(1, 6, seed=6)]
+    ids = torch.cat([prompts[0], torch.cat([torch.zeros(1, 7, dtype=torch.long), prompts[1]], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    forward_calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, *a, **k: forward_calls.append(1) or forward(self, *a, **k)
+    )
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    assert len(forward_calls) == 1  # 30 new tokens close several segments in each row
+    monkeypatch.setattr(type(model), "forward", forward)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            read = model(torch.cat([prompt, out.sequences[row : row + 1]], dim=1)).state
+        got = out.state.select([row])
+        assert int(got.segments[0]) == int(read.segments[0]) >= 3
+        torch.testing.assert_close(got.memories[0, got.memory_mask[0]], read.memories[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.next_token_logits, read.next_token_logits, atol=ATOL, rtol=0)
+        assert torch.equal(got.pending_tokens(0), read.pending_tokens(0))

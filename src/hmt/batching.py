@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hmt.backbone import eval_mode
-from hmt.generation import SegmentCache, _choose, _generation_config, _processors, _stop_strings, _token_set
+from hmt.generation import (
+    SegmentCache,
+    _choose,
+    _close_segments,
+    _generation_config,
+    _processors,
+    _stop_strings,
+    _token_set,
+)
 
 if TYPE_CHECKING:
     from transformers import StopStringCriteria
@@ -166,34 +174,46 @@ class Batch:
         return tokens, scores
 
     def _read(self, token: dict[int, torch.Tensor]) -> None:
-        """Read each row's token: through the cache, or with the forward pass for rows whose segment
-        closes or that have no cache (then their cache is rebuilt). Rows in the cache come first."""
+        """Read each row's token: through the cache, where rows whose segment it fills also close it
+        (writing their memory) and then get a fresh cache; rows without a cache are read by the forward
+        pass (and then get one). Rows that keep their cache come first."""
         model, state = self.model, self.state
         closing = (state.num_pending + 1 >= model.config.segment_length).tolist()
-        stepped = [i for i in range(self.cached) if not closing[i]]
-        forward = [i for i in range(len(self.rows)) if i not in set(stepped)]
-        parts = []
-        if stepped:
-            if len(stepped) < self.cached:
-                self.cache.select(stepped)
-            ids = torch.stack([token[id(self.rows[i])] for i in stepped])
+        cached = list(range(self.cached))
+        kept, closed = [i for i in cached if not closing[i]], [i for i in cached if closing[i]]
+        uncached = list(range(self.cached, len(self.rows)))
+        parts, renewed = [], []  # renewed: states of the rows that need a fresh cache
+        if cached:
+            ids = torch.stack([token[id(self.rows[i])] for i in cached])
             active = torch.ones_like(ids, dtype=torch.bool)
-            sub = state.select(stepped) if len(stepped) < len(self.rows) else state
-            parts.append(sub.with_token_pending(ids, self.cache.step(ids, active), active))
-        else:
+            sub = state.select(cached) if uncached else state
+            if closed:
+                closes = torch.tensor(closing[: len(cached)], device=ids.device)
+                sub = _close_segments(model, sub, self.cache, ids, active, closes)
+                renewed.append(sub.select(closed))
+                sub = sub.select(kept) if kept else None
+                if kept:
+                    self.cache.select(kept)
+            else:
+                sub = sub.with_token_pending(ids, self.cache.step(ids, active), active)
+            if sub is not None:
+                parts.append(sub)
+        if not kept:
             self.cache = None
-        self.cached = len(stepped)
-        if forward:
-            ids = torch.stack([token[id(self.rows[i])] for i in forward])
-            sub = state.select(forward) if forward != list(range(len(self.rows))) else state
-            sub = model(ids[:, None], state=sub, mode=self.mode, score=False).state  # closes segments
-            parts.append(sub)
-        self.rows = [self.rows[i] for i in stepped + forward]
+        self.cached = len(kept)
+        if uncached:
+            ids = torch.stack([token[id(self.rows[i])] for i in uncached])
+            sub = state.select(uncached) if cached else state
+            renewed.append(model(ids[:, None], state=sub, mode=self.mode, score=False).state)
+        self.rows = [self.rows[i] for i in kept + closed + uncached]
+        if renewed:
+            renewed_state = renewed[0] if len(renewed) == 1 else type(state).stack(renewed)
+            parts.append(renewed_state)
         self.state = parts[0] if len(parts) == 1 else type(state).stack(parts)
-        if forward:
-            fresh = SegmentCache.build(model, parts[-1], self.mode)
+        if renewed:
+            fresh = SegmentCache.build(model, renewed_state, self.mode)
             if fresh is not None and self._take_cache(fresh):
-                self.cached += len(forward)
+                self.cached += renewed_state.batch_size
             elif fresh is not None:  # caches that cannot merge: rebuild one over every row
                 self.cache = SegmentCache.build(model, self.state, self.mode)
                 self.cached = len(self.rows) if self.cache is not None else 0

@@ -1,10 +1,12 @@
 """Generation: HMT reads its own output one token at a time, across segment boundaries without limit.
 
 Within a segment each new token runs through the backbone's KV cache over the open segment
-([sink | P | sensory | tokens so far]); the token that fills a segment is read by the ordinary forward
-pass, which closes the segment (writes its memory), and the cache is rebuilt for the next one from the
-state. The state is the only thing carried, so generation continues any state a forward call returned,
-and its result equals reading the prompt and the generated tokens in one call.
+([sink | P | sensory | tokens so far]). The token that fills a segment closes it: it is read through the
+cache too, followed by the r write slots P, whose final states are the segment's memory — the positions
+the forward pass would read after the segment, without reading the segment again. The cache is then
+rebuilt for the next segment from the state. The state is the only thing carried, so generation
+continues any state a forward call returned, and its result equals reading the prompt and the generated
+tokens in one call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transformers.generation import (
 from transformers.utils import ModelOutput
 
 from hmt.backbone import eval_mode
-from hmt.config import check_mode
+from hmt.config import WRITING_MODES, check_mode
 from hmt.memory import MemoryState
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default length, as new tokens (the context has no length)
@@ -46,7 +48,9 @@ class GenerationOutput(ModelOutput):
 class SegmentCache:
     """The backbone's KV cache over each row's open segment, left-padded; built from a state."""
 
-    def __init__(self, model: nn.Module, sequences: list[torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, sequences: list[torch.Tensor], slots: torch.Tensor | None = None
+    ) -> None:
         lengths = torch.tensor([len(s) for s in sequences], device=model.device)
         width = int(lengths.max())
         positions = torch.arange(width, device=model.device)
@@ -55,6 +59,7 @@ class SegmentCache:
         for row, sequence in enumerate(sequences):
             inputs[row, width - len(sequence) :] = sequence
         self.model = model
+        self.slots = slots  # (batch, r, d): the memory the open segments read, read again to write theirs
         self.next_position = lengths.clone()
         out = model.backbone(
             inputs_embeds=inputs,
@@ -69,10 +74,10 @@ class SegmentCache:
     def build(cls, model: nn.Module, state: MemoryState, mode: str) -> SegmentCache | None:
         """The cache over each row's open segment, or None while some row's is empty (nothing to attend
         to: the backbone mode right after a segment closed); the next token is then read by a forward."""
-        sequences = model._open_segments(state, mode)
+        sequences, slots = model._open_segments(state, mode)
         if min(len(s) for s in sequences) == 0:
             return None
-        return cls(model, sequences)
+        return cls(model, sequences, slots if mode in WRITING_MODES else None)
 
     def merge(self, other: SegmentCache) -> bool:
         """Append `other`'s rows (left-padding the shorter cache): rows join a batch being generated
@@ -81,8 +86,10 @@ class SegmentCache:
         from transformers.cache_utils import DynamicLayer
 
         layers = [*self.cache.layers, *other.cache.layers]
-        if len(self.cache.layers) != len(other.cache.layers) or any(
-            type(x) is not DynamicLayer for x in layers
+        if (
+            len(self.cache.layers) != len(other.cache.layers)
+            or any(type(x) is not DynamicLayer for x in layers)
+            or (self.slots is None) != (other.slots is None)
         ):
             return False
         width = max(self.mask.shape[1], other.mask.shape[1])
@@ -97,6 +104,7 @@ class SegmentCache:
             mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
         self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
         self.next_position = torch.cat([self.next_position, other.next_position])
+        self.slots = None if self.slots is None else torch.cat([self.slots, other.slots])
         return True
 
     def select(self, rows: list[int]) -> None:
@@ -105,21 +113,45 @@ class SegmentCache:
         for layer in self.cache.layers:
             layer.batch_select_indices(index)
         self.mask, self.next_position = self.mask[index], self.next_position[index]
+        self.slots = None if self.slots is None else self.slots[index]
 
     def step(self, token: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Read one token per row (ignored for inactive rows); the logits after it (batch, vocab)."""
-        self.mask = torch.cat([self.mask, active[:, None]], dim=1)
-        embeddings = self.model.backbone.get_input_embeddings()(token[:, None])
+        return self._read(token, active)[0]
+
+    def close(
+        self, token: torch.Tensor, active: torch.Tensor, closing: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read one token per active row and, after it, for the `closing` rows (whose segment it fills) the
+        r write slots (writing modes): the logits after the token (batch, vocab) and the slots' final
+        states (batch, r, dim; None without memory), what the forward pass writes as the segment's memory.
+        The closing rows' cache is spent after this (`select` the others: theirs goes on)."""
+        return self._read(token, active, slot_rows=closing if self.slots is not None else None)
+
+    def _read(
+        self, token: torch.Tensor, active: torch.Tensor, slot_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = self.model.backbone.get_input_embeddings()(token[:, None])
+        mask = active[:, None]
+        if slot_rows is not None:
+            inputs = torch.cat([inputs, self.slots.to(inputs.dtype)], dim=1)
+            mask = torch.cat([mask, slot_rows[:, None].expand(-1, self.slots.shape[1])], dim=1)
+        width = inputs.shape[1]
+        self.mask = torch.cat([self.mask, mask], dim=1)
         out = self.model.backbone(
-            inputs_embeds=embeddings,
+            inputs_embeds=inputs,
             attention_mask=self.mask.long(),
-            position_ids=self.next_position[:, None],
+            position_ids=self.next_position[:, None] + torch.arange(width, device=self.mask.device),
             cache=self.cache,
             use_cache=True,
+            logits_to_keep=width,  # only the token's are used: r more rows of the head cost little
+            output_hidden_states=[-1] if slot_rows is not None else False,
         )
         self.cache = out.cache
         self.next_position = self.next_position + active.long()
-        return out.logits[:, -1]
+        if slot_rows is not None:
+            self.next_position = self.next_position + slot_rows.long() * (width - 1)
+        return out.logits[:, 0], out.hidden_states[-1][:, 1:] if slot_rows is not None else None
 
 
 def generate(
@@ -159,10 +191,12 @@ def generate(
         batch = input_ids.shape[0]
         history = input_ids.to(model.device)
         active = torch.ones(batch, dtype=torch.bool, device=model.device)
-        cache, new_tokens = None, []
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if config.max_new_tokens is None else config.max_new_tokens
+        cache = SegmentCache.build(model, state, mode) if max_new_tokens else None
+        new_tokens = []
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        for _ in range(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS):
+        for _ in range(max_new_tokens):
             scores = processors(history, state.next_token_logits.clone())
             token = _choose(scores, config.do_sample)
             token = torch.where(active, token, torch.full_like(token, pad))
@@ -171,14 +205,12 @@ def generate(
             if streamer is not None:
                 streamer.put(token.cpu())
             closing = active & (state.num_pending + 1 >= length)
-            if cache is None or bool(closing.any()):  # the forward pass closes segments and writes memory
+            if cache is None:  # nothing open to attend to (backbone mode): the forward pass reads the token
                 state = model(
-                    token[:, None],
-                    attention_mask=active[:, None].long(),
-                    state=state,
-                    mode=mode,
-                    score=False,
+                    token[:, None], attention_mask=active[:, None].long(), state=state, mode=mode, score=False
                 ).state
+            elif bool(closing.any()):
+                state = _close_segments(model, state, cache, token, active, closing)
                 cache = None
             else:
                 state = state.with_token_pending(token, cache.step(token, active), active)
@@ -194,6 +226,24 @@ def generate(
         streamer.end()
     sequences = torch.stack(new_tokens, dim=1) if new_tokens else history[:, :0]
     return GenerationOutput(sequences=sequences, state=state)
+
+
+def _close_segments(
+    model: nn.Module,
+    state: MemoryState,
+    cache: SegmentCache,
+    token: torch.Tensor,
+    active: torch.Tensor,
+    closing: torch.Tensor,
+) -> MemoryState:
+    """The state after `token` (batch,) was read by the `active` rows, filling the segments of the `closing`
+    ones: their memory written and their tokens made recent, as the forward pass leaves them."""
+    logits, slots = cache.close(token, active, closing)
+    state = state.with_token_pending(token, logits, active)
+    if slots is not None:
+        state = model._write(state, slots, closing, recorded=False)
+    length = model.config.segment_length
+    return state.with_segment_read(state.pending_ids[:, -length:], closing.long() * length, closing)
 
 
 # The generation settings `generate` carries out; any other GenerationConfig field asked for is refused

@@ -472,10 +472,10 @@ class HMTForCausalLM(nn.Module):
                 prefix += 1
         return pieces, prefix + num_sensory
 
-    def _open_segments(self, state: MemoryState, mode: str) -> list[torch.Tensor]:
+    def _open_segments(self, state: MemoryState, mode: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Each row's unfinished segment as the backbone has read it so far, [sink | P | sensory | pending]
-        (the read from the state alone: the causal query is the text before the segment). Generation
-        builds its KV cache from these."""
+        (the read from the state alone: the causal query is the text before the segment), and the P read
+        (batch, r, d; None without memory), which closing the segment writes through. For generation."""
         read = None
         if mode == "hmt":
             if self.config.recall_query != "causal":
@@ -500,7 +500,7 @@ class HMTForCausalLM(nn.Module):
                 use_sensory, write=False,
             )[0]
             for row in range(state.batch_size)
-        ]  # fmt: skip
+        ], slots  # fmt: skip
 
     # ---- backbone calls ---------------------------------------------------------------------
 
