@@ -79,4 +79,6 @@ def test_bench_generate_measures_both_generators_and_a_long_read(
     assert set(generation["tokens_per_second"]) == {"transformers", "hmt"}
     assert generation["hmt_vs_transformers"] > 0
     assert generation["read"]["tokens"] == 300 and generation["read"]["seconds"] > 0
-    assert "vs transformers" in stdout and "read 300 tokens" in stdout
+    read = generation["read"]
+    assert read["vs_backbone_body"] == pytest.approx(read["seconds"] / read["backbone_body_seconds"])
+    assert "vs transformers" in stdout and "read 300 tokens" in stdout and "body alone" in stdout

@@ -237,10 +237,28 @@ def run_generation_bench(config: GenerationBenchConfig, progress: Progress | Non
         with torch.no_grad():
             for start in range(0, config.read_tokens, 4096):
                 state = model(stream[:, start : start + 4096], state=state, score=False).state
+            if stream.device.type == "cuda":
+                torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+        floor = _body_seconds(plain, stream, model.config.segment_length)
         report["read"] = {
             "tokens": config.read_tokens,
             "seconds": seconds,
             "tokens_per_second": config.read_tokens / seconds,
+            "backbone_body_seconds": floor,
+            "vs_backbone_body": seconds / floor,
         }
     return report
+
+
+def _body_seconds(backbone: torch.nn.Module, stream: torch.Tensor, window: int) -> float:
+    """The floor under a read: the backbone's body alone (no LM head, nothing carried) over `stream` in
+    windows of `window` tokens. Every token must pass through it once, whatever memory does."""
+    body = backbone.get_decoder()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, stream.shape[1], window):
+            body(input_ids=stream[:, start : start + window], use_cache=False)
+        if stream.device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - started
