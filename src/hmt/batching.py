@@ -178,9 +178,10 @@ class Batch:
         (writing their memory) and then get a fresh cache; rows without a cache are read by the forward
         pass (and then get one). Rows that keep their cache come first."""
         model, state = self.model, self.state
-        closing = (state.num_pending + 1 >= model.config.segment_length).tolist()
+        closes = state.num_pending[: self.cached] + 1 >= model.config.segment_length  # the cached rows'
         cached = list(range(self.cached))
-        kept, closed = [i for i in cached if not closing[i]], [i for i in cached if closing[i]]
+        kept = [i for i, close in enumerate(closes.tolist()) if not close]
+        closed = [i for i in cached if i not in set(kept)]
         uncached = list(range(self.cached, len(self.rows)))
         parts, renewed = [], []  # renewed: states of the rows that need a fresh cache
         if cached:
@@ -188,16 +189,13 @@ class Batch:
             active = torch.ones_like(ids, dtype=torch.bool)
             sub = state.select(cached) if uncached else state
             if closed:
-                closes = torch.tensor(closing[: len(cached)], device=ids.device)
                 sub = _close_segments(model, sub, self.cache, ids, active, closes)
                 renewed.append(sub.select(closed))
-                sub = sub.select(kept) if kept else None
                 if kept:
                     self.cache.select(kept)
+                    parts.append(sub.select(kept))
             else:
-                sub = sub.with_token_pending(ids, self.cache.step(ids, active), active)
-            if sub is not None:
-                parts.append(sub)
+                parts.append(sub.with_token_pending(ids, self.cache.step(ids, active), active))
         if not kept:
             self.cache = None
         self.cached = len(kept)

@@ -144,13 +144,11 @@ class SegmentCache:
             position_ids=self.next_position[:, None] + torch.arange(width, device=self.mask.device),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=width,  # only the token's are used: r more rows of the head cost little
+            logits_to_keep=torch.zeros(1, dtype=torch.long, device=self.mask.device),  # the token's only
             output_hidden_states=[-1] if slot_rows is not None else False,
         )
         self.cache = out.cache
-        self.next_position = self.next_position + active.long()
-        if slot_rows is not None:
-            self.next_position = self.next_position + slot_rows.long() * (width - 1)
+        self.next_position = self.next_position + active.long()  # closing rows' cache is spent: not counted
         return out.logits[:, 0], out.hidden_states[-1][:, 1:] if slot_rows is not None else None
 
 
@@ -191,12 +189,10 @@ def generate(
         batch = input_ids.shape[0]
         history = input_ids.to(model.device)
         active = torch.ones(batch, dtype=torch.bool, device=model.device)
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if config.max_new_tokens is None else config.max_new_tokens
-        cache = SegmentCache.build(model, state, mode) if max_new_tokens else None
-        new_tokens = []
+        cache, new_tokens = SegmentCache.build(model, state, mode), []
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        for _ in range(max_new_tokens):
+        for _ in range(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS):  # GenerationConfig refuses 0
             scores = processors(history, state.next_token_logits.clone())
             token = _choose(scores, config.do_sample)
             token = torch.where(active, token, torch.full_like(token, pad))
@@ -242,7 +238,7 @@ def _close_segments(
     state = state.with_token_pending(token, logits, active)
     if slots is not None:
         state = model._write(state, slots, closing, recorded=False)
-    length = model.config.segment_length
+    length = model.config.segment_length  # a closing row now holds exactly L pending tokens, right-aligned
     return state.with_segment_read(state.pending_ids[:, -length:], closing.long() * length, closing)
 
 
